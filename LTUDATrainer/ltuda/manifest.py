@@ -157,6 +157,14 @@ def _parse_case(i, raw, root, class_names, allow_outside, problems) -> Optional[
 
 def load_manifest(path, allow_outside_paths: bool = False) -> Manifest:
     """Parse and structurally validate a manifest; raises ManifestProblems listing every problem."""
+    manifest, problems = parse_manifest(path, allow_outside_paths)
+    if problems:
+        raise ManifestProblems(problems)
+    return manifest
+
+
+def parse_manifest(path, allow_outside_paths: bool = False):
+    """(Manifest of the usable parts, list of problems); raises LtudaError only if unreadable."""
     path = Path(path)
     if path.is_dir():
         path = path / "dataset.json"
@@ -190,9 +198,8 @@ def load_manifest(path, allow_outside_paths: bool = False) -> Manifest:
     for name in names:
         if training and not any(name in c.labeled for c in training):
             problems.append(f"class '{name}' is labelled by no training case; label it in at least one case or remove it")
-    if problems:
-        raise ManifestProblems([f"{path}: {p}" for p in problems])
-    return Manifest(path, str(raw.get("name") or path.parent.name), classes, cases)
+    manifest = Manifest(path, str(raw.get("name") or path.parent.name), classes, cases)
+    return manifest, [f"{path}: {p}" for p in problems]
 
 
 def case_to_json(case: Case, root: Path) -> dict:

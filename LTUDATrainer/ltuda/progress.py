@@ -89,3 +89,24 @@ def format_seconds(seconds) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class TeeReporter(Reporter):
+    """Sends every event and log line to several reporters (the screen and the run's own files)."""
+
+    def __init__(self, *reporters):
+        super().__init__()
+        self.reporters = reporters
+
+    def emit(self, event: str, **fields):
+        for r in self.reporters:
+            r.emit(event, **fields)
+
+    def log(self, text: str):
+        for r in self.reporters:
+            r.log(text)
+
+
+def file_reporter(jsonl_path, log_path) -> Reporter:
+    """A JSON-lines event file plus a human log file, both appended (a resumed run keeps its history)."""
+    return JsonlReporter(open(jsonl_path, "a", encoding="utf-8"), open(log_path, "a", encoding="utf-8"))

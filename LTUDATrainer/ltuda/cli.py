@@ -1,0 +1,216 @@
+"""The `ltuda` command: dataset check, train, predict, evaluate, phantoms, demo.
+
+Every failure a user can cause ends in one readable message and exit code 1, never a traceback
+(set LTUDA_DEBUG=1 to see one); with `--progress jsonl` it is also the stream's final `error` event.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import LtudaError, ManifestProblems
+from .progress import HumanReporter, TeeReporter, file_reporter, make_reporter
+
+EXIT_STOPPED = 130
+
+
+def _add_progress(parser):
+    parser.add_argument("--progress", choices=("human", "jsonl", "none"), default="human",
+                        help="jsonl: one JSON object per line on stdout for programs (the Slicer module)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltuda", description="LTUDA: multi-organ segmentation from partially labelled CT.")
+    parser.add_argument("--version", action="version", version=f"ltuda {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dataset = sub.add_parser("dataset", help="dataset manifest tools")
+    dsub = dataset.add_subparsers(dest="dataset_command", required=True)
+    check = dsub.add_parser("check", help="read every file of a dataset and list every problem at once")
+    check.add_argument("dataset", help="dataset.json or the folder holding it")
+    check.add_argument("--allow-outside-paths", action="store_true", help="accept files outside the dataset folder")
+
+    train = sub.add_parser("train", help="train a model (LTUDA or a baseline)")
+    train.add_argument("--dataset", required=True, help="dataset.json or the folder holding it")
+    train.add_argument("--out", required=True, help="model folder to create")
+    train.add_argument("--preset", choices=("fast", "paper"), default=None,
+                       help="fast: small network, 64x64 slices, minutes on a CPU; paper: the published setting (GPU). "
+                            "Default: paper on a GPU, fast on a CPU")
+    train.add_argument("--method", choices=("ltuda", "cda", "labeled-only", "naive", "marginal-exclusion"), default="ltuda")
+    for flag, kind, text in [
+        ("--epochs-stage1", int, "epochs of stage 1 (CDA), or of the single stage of a baseline"),
+        ("--epochs-stage2", int, "epochs of stage 2 (PDA)"),
+        ("--iterations-per-epoch", int, "iterations per epoch (0: one pass over the training slices)"),
+        ("--batch-size", int, "cases per batch, each expanded to 1 weak + K strong views"),
+        ("--image-size", int, "slice size in pixels (a multiple of 16)"),
+        ("--lr", float, "initial learning rate (SGD, Nesterov, poly decay)"),
+        ("--momentum", float, "SGD momentum"),
+        ("--ema-decay", float, "EMA decay of the teacher"),
+        ("--prototypes", int, "prototypes per class (M)"),
+        ("--prototype-momentum", float, "momentum of prototype updates"),
+        ("--strong-views", int, "CutMix strong views per sample (K)"),
+        ("--val-fraction", float, "share of training cases held out for validation when the manifest has no 'val' cases"),
+        ("--seed", int, "random seed"),
+    ]:
+        train.add_argument(flag, type=kind, default=None, help=text)
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    train.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    train.add_argument("--resume", action="store_true", help="continue the stopped run in --out from its last checkpoint")
+    train.add_argument("--cache-dir", default=None, help="preprocessed-slice cache (default ~/.cache/ltuda or $LTUDA_CACHE_DIR)")
+    train.add_argument("--allow-outside-paths", action="store_true")
+    _add_progress(train)
+
+    predict = sub.add_parser("predict", help="segment volumes with a trained model")
+    predict.add_argument("--model", required=True, help="model folder")
+    predict.add_argument("--input", required=True, help="volume file, DICOM series folder, or folder of volumes")
+    predict.add_argument("--output", required=True, help="OUT.seg.nrrd, or a folder")
+    predict.add_argument("--head", default="auto", help="auto, linear, proto-labeled or proto-unlabeled")
+    predict.add_argument("--no-postprocess", action="store_true", help="skip largest-connected-component clean-up")
+    predict.add_argument("--label-map", default=None, help="also write a plain label map (a file, or a folder in batch mode)")
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    predict.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
+    predict.add_argument("--redo", action="store_true", help="batch mode: recompute outputs that already exist")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _add_progress(predict)
+
+    evaluate = sub.add_parser("evaluate", help="3D Dice and HD95 (mm) of predictions against ground truth")
+    from .evaluate import add_arguments as add_evaluate_arguments
+    add_evaluate_arguments(evaluate)
+
+    phantoms = sub.add_parser("phantoms", help="write a synthetic partially labelled abdominal CT dataset")
+    phantoms.add_argument("--out", required=True)
+    phantoms.add_argument("--cases-per-site", type=int, default=4)
+    phantoms.add_argument("--test-cases", type=int, default=4)
+    phantoms.add_argument("--size", type=int, default=96, help="in-plane size in voxels")
+    phantoms.add_argument("--seed", type=int, default=0)
+
+    demo = sub.add_parser("demo", help="phantoms -> train LTUDA and the labelled-only baseline -> predict -> Dice")
+    demo.add_argument("--out", default="ltuda-demo")
+    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return parser
+
+
+def cmd_dataset_check(args, report) -> int:
+    from .checks import check_dataset
+    manifest, problems = check_dataset(args.dataset, allow_outside_paths=args.allow_outside_paths)
+    if problems:
+        raise ManifestProblems(problems)
+    counts = {c["name"]: sum(c["name"] in case.labeled for case in manifest.cases if case.split != "test")
+              for c in manifest.classes}
+    print(f"{manifest.path}: OK, {len(manifest.cases)} case(s); labelled training cases per organ: "
+          + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def _prepare_out_dir(out: Path, overwrite: bool, resume: bool):
+    has_model = (out / "model.json").exists() or (out / "checkpoints").exists()
+    if resume:
+        if not (out / "checkpoints" / "last.pt").exists():
+            raise LtudaError("has no checkpoint to resume from", out, "Start a new run without --resume.")
+        return
+    if has_model and not overwrite:
+        raise LtudaError("already holds a model", out, "Pass --overwrite to replace it, --resume to continue it, "
+                         "or choose another --out.")
+    if has_model:
+        for name in ("model.json", "model.pt", "progress.jsonl", "train.log"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def cmd_train(args, report) -> int:
+    from .manifest import load_manifest
+    from .model.store import read_model_json  # noqa: F401  (import check of the model package)
+    from .train.config import TrainConfig, make_config
+    from .train.trainer import CONFIG, Trainer, pick_device, safe_json
+
+    out = Path(args.out)
+    manifest = load_manifest(args.dataset, allow_outside_paths=args.allow_outside_paths)
+    _prepare_out_dir(out, args.overwrite, args.resume)
+    if args.resume:
+        config = TrainConfig.from_json(safe_json(out / CONFIG).get("config", {}))
+        config.device = args.device
+    else:
+        preset = args.preset or ("paper" if pick_device(args.device).type == "cuda" else "fast")
+        overrides = {k: getattr(args, k) for k in (
+            "epochs_stage1", "epochs_stage2", "iterations_per_epoch", "batch_size", "image_size", "lr", "momentum",
+            "ema_decay", "prototypes", "prototype_momentum", "strong_views", "val_fraction", "seed")}
+        config = make_config(preset, method=args.method, device=args.device, **overrides)
+        if config.image_size % 16:
+            raise LtudaError(f"--image-size {config.image_size} is not a multiple of 16", fix="Use e.g. 64, 128 or 256.")
+    run_report = TeeReporter(report, file_reporter(out / "progress.jsonl", out / "train.log"))
+    result = Trainer(manifest, out, config, run_report, cache_dir=args.cache_dir, resume=args.resume).run()
+    run_report.emit("done", status=result["status"], model_dir=str(out), mean_dice=result["mean_dice"])
+    return 0 if result["status"] == "completed" else EXIT_STOPPED
+
+
+def cmd_predict(args, report) -> int:
+    from .predict import run_prediction
+    summary = run_prediction(args.model, args.input, args.output, head=args.head, postprocess=not args.no_postprocess,
+                             label_map=args.label_map, device=args.device, batch_size=args.batch_size,
+                             redo=args.redo, overwrite=args.overwrite, report=report)
+    if summary["cases"] > 1 or summary["failed"]:
+        report.log(f"{summary['cases']} case(s): {summary['done']} done, {summary['skipped']} skipped, "
+                   f"{len(summary['failed'])} failed; {summary['seconds_per_case']} s per case")
+        for failure in summary["failed"]:
+            report.log(f"  failed: {failure['message']}")
+    return 1 if summary["failed"] else 0
+
+
+def cmd_evaluate(args, report) -> int:
+    from .evaluate import run
+    return run(args, report)
+
+
+def cmd_phantoms(args, report) -> int:
+    from .data.phantoms import generate_phantoms
+    path = generate_phantoms(args.out, cases_per_site=args.cases_per_site, test_cases=args.test_cases,
+                             shape=(args.size, args.size), seed=args.seed, report=report)
+    print(path)
+    return 0
+
+
+def cmd_demo(args, report) -> int:
+    from .demo import run_demo
+    run_demo(Path(args.out), device=args.device, report=report)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "phantoms": cmd_phantoms,
+            "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    args = _build_parser().parse_args(argv)
+    report = make_reporter(getattr(args, "progress", "human"))
+    try:
+        if args.command == "dataset":
+            return cmd_dataset_check(args, report)
+        return COMMANDS[args.command](args, report)
+    except LtudaError as exc:
+        _report_error(report, str(exc))
+        return 1
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return EXIT_STOPPED
+    except Exception as exc:  # an internal fault: still one line, with a way to get the details
+        if os.environ.get("LTUDA_DEBUG"):
+            traceback.print_exc()
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        _report_error(report, f"unexpected {type(exc).__name__}: {detail} (set LTUDA_DEBUG=1 for details and report it)")
+        return 1
+
+
+def _report_error(report, message: str):
+    """The stream's final `error` event, and one line on stderr for a person."""
+    report.emit("error", message=message, log=None)
+    if not isinstance(report, HumanReporter):
+        print(f"error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

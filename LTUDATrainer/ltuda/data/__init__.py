@@ -1,0 +1,1 @@
+"""Data: preprocessing, slice cache, phantoms."""

@@ -1,0 +1,84 @@
+"""Losses for partially labelled segmentation.
+
+partial_bce: BCE per organ channel over non-ignored pixels (-1 = ignore), averaged over the samples
+that label the channel, then over the channels present in the batch (the paper's pBCE).
+prototype_loss: ProtoSeg's CE + 0.01 PPC + 0.001 PPD on a prototype classifier.
+marginal_exclusion_loss: Shi et al. 2021, the classic softmax baseline for partial labels.
+"""
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -1.0
+
+
+def partial_target(labels: torch.Tensor, labeled: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class-value labels [B, H, W] and labelled-class mask [B, C] -> per-channel target [B, C, H, W].
+
+    A labelled channel is a complete binary mask (every other pixel is a true negative); an
+    unlabelled channel is ignored (-1).
+    """
+    organs = torch.arange(1, num_classes + 1, device=labels.device)[None, :, None, None]
+    target = (labels[:, None] == organs).float()
+    return torch.where(labeled[:, :, None, None], target, torch.full_like(target, IGNORE))
+
+
+def onehot_target(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Full (pseudo-)labels [B, H, W] -> [B, C, H, W] binary targets, nothing ignored."""
+    organs = torch.arange(1, num_classes + 1, device=labels.device)[None, :, None, None]
+    return (labels[:, None] == organs).float()
+
+
+def partial_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    valid = target >= 0
+    loss = F.binary_cross_entropy_with_logits(logits.float(), target.clamp(min=0), reduction="none")
+    pixels = valid.sum(dim=(2, 3))  # [B, C]
+    per_sample = (loss * valid).sum(dim=(2, 3)) / pixels.clamp(min=1)
+    sample_has = pixels > 0
+    samples = sample_has.sum(dim=0)  # [B, C] -> [C]
+    per_channel = (per_sample * sample_has).sum(dim=0) / samples.clamp(min=1)
+    present = samples > 0
+    if not present.any():
+        return logits.sum() * 0.0
+    return per_channel[present].mean()
+
+
+def prototype_loss(logits, similarity, target, proto_index, ppc_weight=0.01, ppd_weight=0.001):
+    """CE(prototype logits, target) + PPC + PPD.
+
+    logits [B, K, H, W]; similarity [B, K, M, H, W]; target [B, H, W] class index (K = C+1);
+    proto_index [B, H, W]: the prototype (0..M-1) each pixel is assigned to within its class.
+    """
+    ce = F.cross_entropy(logits.float(), target)
+    b, k, m, h, w = similarity.shape
+    flat = similarity.float().reshape(b, k * m, h, w)
+    contrast_target = target * m + proto_index
+    ppc = F.cross_entropy(flat, contrast_target)
+    assigned = flat.gather(1, contrast_target[:, None])[:, 0]
+    ppd = (1.0 - assigned).pow(2).mean()
+    return ce + ppc_weight * ppc + ppd_weight * ppd
+
+
+def marginal_exclusion_loss(logits: torch.Tensor, labels: torch.Tensor, labeled: torch.Tensor, eps: float = 1e-5):
+    """Marginal CE + exclusion Dice (Shi et al., MedIA 2021) on C+1 softmax logits.
+
+    Marginal: unlabelled organs' probabilities are merged into background, so predicting an
+    unlabelled organ where the file says background is not punished. Exclusion: pixels of a
+    labelled organ cannot belong to any other organ, so each organ's predicted probability on
+    pixels known not to be it is penalised as a soft Dice overlap.
+    """
+    probs = torch.softmax(logits.float(), dim=1)  # [B, C+1, H, W]
+    c = labeled.shape[1]
+    unlabeled = (~labeled).float()[:, :, None, None]
+    merged_background = probs[:, :1] + (probs[:, 1:] * unlabeled).sum(dim=1, keepdim=True)
+    merged = torch.cat([merged_background, probs[:, 1:] * (1 - unlabeled)], dim=1)
+    marginal = F.nll_loss(torch.log(merged.clamp(min=eps)), labels)
+    organs = torch.arange(1, c + 1, device=labels.device)[None, :, None, None]
+    other = labels[:, None] != organs
+    # A labelled organ's negatives are known everywhere; an unlabelled one's only on labelled organs.
+    known_not = torch.where(labeled[:, :, None, None], other, other & (labels[:, None] > 0)).float()
+    overlap = (probs[:, 1:] * known_not).sum(dim=(2, 3))
+    denom = probs[:, 1:].sum(dim=(2, 3)) + known_not.sum(dim=(2, 3))
+    has = known_not.sum(dim=(2, 3)) > 0
+    exclusion = (2 * overlap / (denom + eps))[has].mean() if has.any() else logits.sum() * 0
+    return marginal + exclusion

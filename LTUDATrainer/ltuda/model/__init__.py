@@ -1,0 +1,1 @@
+"""Network, heads, prototype banks and the model folder."""

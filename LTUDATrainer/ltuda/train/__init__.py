@@ -1,0 +1,1 @@
+"""Training: settings, steps and the run loop."""

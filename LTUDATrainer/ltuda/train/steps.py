@@ -1,0 +1,124 @@
+"""One training step per method: views, pseudo-labels and loss of a batch (no optimiser here).
+
+The student sees the weak view and the K strong views in ONE forward pass, and every head reads the
+same backbone features: the reference code recomputes the backbone per head and per view.
+"""
+
+import torch
+
+from ..augment import WeakAugment, cutmix, cutmix_boxes
+from ..losses import marginal_exclusion_loss, onehot_target, partial_bce, partial_target, prototype_loss
+from ..model.network import linear_hard_label
+from ..model.prototypes import momentum_update, sinkhorn_assign
+from .config import TrainConfig
+
+
+class StepContext:
+    """What every step needs: the settings, the weak augmentation and the random generator."""
+
+    def __init__(self, config: TrainConfig, num_classes: int, generator: torch.Generator, autocast):
+        self.config = config
+        self.num_classes = num_classes
+        self.generator = generator
+        self.autocast = autocast
+        self.weak = WeakAugment(scale_range=config.scale_range, rotation_deg=config.rotation_deg)
+
+
+def supervised_step(ctx: StepContext, student, batch) -> torch.Tensor:
+    """Baselines on the weak view: labelled-only pBCE, naive union, or marginal + exclusion."""
+    images, labels, labeled = batch
+    images, labels = ctx.weak(images, labels, ctx.generator)
+    method = ctx.config.method
+    if method == "naive":  # every unlabelled organ is taken as background
+        labeled = torch.ones_like(labeled)
+    with ctx.autocast():
+        logits = student(images, heads=("linear",))["linear"]
+    if method == "marginal-exclusion":
+        # A fixed background logit of 0 makes softmax argmax equal to the sigmoid threshold rule.
+        with_background = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
+        return marginal_exclusion_loss(with_background, labels, labeled)
+    return partial_bce(logits, partial_target(labels, labeled, ctx.num_classes))
+
+
+@torch.no_grad()
+def make_pseudo_labels(teacher, images, labels, labeled, autocast):
+    """Teacher's hard labels on the weak view, with ground truth where the case has it.
+
+    Teacher organ c is kept only where c is NOT labelled in that case; labelled organs come from the
+    ground truth (a labelled organ's other pixels are true negatives, so become background).
+    """
+    with autocast():
+        hard = linear_hard_label(teacher(images, heads=("linear",))["linear"])
+    predicted_labeled = labeled.gather(1, (hard - 1).clamp(min=0).flatten(1)).view_as(hard) & (hard > 0)
+    return torch.where(labels > 0, labels, torch.where(predicted_labeled, torch.zeros_like(hard), hard))
+
+
+def _strong_views(ctx, images, partial, pseudo, labels):
+    """K CutMix views of the weak batch: images, partial targets, pseudo-labels, ground-truth organs."""
+    b, _, h, w = images.shape
+    views = []
+    for _ in range(ctx.config.strong_views):
+        boxes = cutmix_boxes(b, h, w, ctx.generator, images.device, area_range=ctx.config.cutmix_area)
+        views.append(tuple(cutmix(t, boxes) for t in (images, partial, pseudo, labels)))
+    return views
+
+
+def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.Tensor:
+    cfg, c = ctx.config, ctx.num_classes
+    images, labels, labeled = batch
+    images, labels = ctx.weak(images, labels, ctx.generator)
+    partial = partial_target(labels, labeled, c)
+    pseudo = make_pseudo_labels(teacher, images, labels, labeled, ctx.autocast)
+    views = _strong_views(ctx, images, partial, pseudo, labels)
+    b, k = images.shape[0], len(views)
+    heads = ("linear",) if stage == 1 else ("linear", "proto-labeled", "proto-unlabeled")
+    with ctx.autocast():
+        out = student(torch.cat([images] + [v[0] for v in views]), heads=heads)
+    linear = out["linear"]
+    loss = partial_bce(linear[:b], partial)
+    strong_pseudo = torch.cat([v[2] for v in views])
+    strong_linear = linear[b:]
+    for i, (_, view_partial, view_pseudo, _) in enumerate(views):
+        logits = strong_linear[i * b:(i + 1) * b]
+        loss = loss + partial_bce(logits, onehot_target(view_pseudo, c))
+        if stage == 1:
+            loss = loss + partial_bce(logits, view_partial)
+    if stage == 2:
+        strong_labels = torch.cat([v[3] for v in views])
+        loss = loss + k * _prototype_terms(ctx, student, out, b, strong_pseudo, strong_labels)
+    return loss
+
+
+def _prototype_terms(ctx, student, out, b, target, gt_labels) -> torch.Tensor:
+    """Both prototype classifiers on the strong views (mean over views), and their bank updates.
+
+    Labelled bank: updated from ground-truth-labelled organ pixels. Unlabelled bank: from pseudo-
+    labelled organs and background, ground-truth pixels ignored. No set labels background, so the
+    labelled bank's background prototypes are a copy of the unlabelled bank's.
+    """
+    cfg, classes = ctx.config, ctx.num_classes + 1
+    labeled_fg = gt_labels > 0
+    eligible = {
+        "proto-labeled": labeled_fg,
+        "proto-unlabeled": ~labeled_fg,  # pseudo organs and background
+    }
+    banks = {"proto-labeled": "prototypes_labeled", "proto-unlabeled": "prototypes_unlabeled"}
+    embedding = out["embedding"][b:]
+    pixels = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]).detach()
+    flat_target = target.reshape(-1)
+    total = 0.0
+    for head, bank_name in banks.items():
+        logits, similarity = out[head][b:], out[head + "-similarity"][b:]
+        with torch.no_grad():
+            # similarity [V, K, M, H, W] -> each pixel's similarities to its own class's prototypes
+            own = similarity.permute(0, 3, 4, 1, 2).reshape(-1, classes, similarity.shape[2])
+            own = own[torch.arange(own.shape[0], device=own.device), flat_target]
+            assignment, index = sinkhorn_assign(own, flat_target, classes, cfg.sinkhorn_iterations, cfg.sinkhorn_epsilon)
+            correct = logits.argmax(dim=1) == target
+        total = total + prototype_loss(logits, similarity, target, index.view_as(target), cfg.ppc_weight, cfg.ppd_weight)
+        with torch.no_grad():
+            use = (correct & eligible[head]).reshape(-1)
+            bank = getattr(student, bank_name)
+            bank.copy_(momentum_update(bank, pixels, flat_target, assignment, use, cfg.prototype_momentum))
+    student.prototypes_labeled[0].copy_(student.prototypes_unlabeled[0])
+    return total

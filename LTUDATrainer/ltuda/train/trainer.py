@@ -1,0 +1,317 @@
+"""The training run: stages, EMA teacher, validation, atomic checkpoints, resume and clean stops."""
+
+import contextlib
+import copy
+import math
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..data.cache import SliceCache
+from ..data.preprocess import Preprocessing
+from ..data.slices import SlicePool
+from ..errors import LtudaError
+from ..manifest import Manifest
+from ..model.network import HEADS, LTUDANet, NetworkConfig
+from ..model.store import atomic_torch_save, atomic_write_json, safe_torch_load, save_model
+from ..validation import validate
+from .config import STAGE_NAMES, TrainConfig
+from .steps import StepContext, ltuda_step, supervised_step
+
+LAST = Path("checkpoints") / "last.pt"
+CONFIG = Path("checkpoints") / "config.json"
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise LtudaError("--device cuda was requested but no CUDA GPU is available to PyTorch",
+                         fix="Use --device cpu (or auto), or install a CUDA build of PyTorch.")
+    if requested in ("auto", "cuda"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def split_validation(manifest: Manifest, fraction: float, seed: int):
+    """(train cases, val cases): the manifest's "val" cases, else a share of each labelling group.
+
+    Cases are grouped by which organs they label, so every organ keeps cases on both sides.
+    """
+    train = manifest.split("train")
+    given = manifest.split("val")
+    if given or fraction <= 0:
+        return train, given
+    rng = np.random.default_rng(seed)
+    groups = {}
+    for case in train:
+        groups.setdefault(tuple(case.labeled), []).append(case)
+    keep, val = [], []
+    for cases in groups.values():
+        order = rng.permutation(len(cases))
+        n_val = int(round(fraction * len(cases))) if len(cases) >= 2 else 0
+        n_val = min(max(n_val, 1 if len(cases) >= 3 else 0), len(cases) - 1)
+        val += [cases[i] for i in order[:n_val]]
+        keep += [cases[i] for i in order[n_val:]]
+    return keep, val
+
+
+class StopRequested(Exception):
+    pass
+
+
+class Trainer:
+    def __init__(self, manifest: Manifest, out_dir, config: TrainConfig, report, cache_dir=None, resume=False):
+        self.manifest, self.out_dir, self.config, self.report = manifest, Path(out_dir), config, report
+        self.classes = manifest.classes
+        self.num_classes = len(self.classes)
+        self.cache = SliceCache(cache_dir)
+        self.resume = resume
+        self.stop_requested = False
+        self.device = pick_device(config.device)
+        self.prep = Preprocessing(tuple(config.hu_window), config.image_size)
+        self.started = time.time()
+
+    # ----- setup -----
+    def _autocast(self):
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _load_data(self):
+        train, val = split_validation(self.manifest, self.config.val_fraction, self.config.seed)
+        self.report.log(f"preprocessing {len(train) + len(val)} case(s) (cached in {self.cache.root})")
+        problems, prepared = [], {}
+        for case in train + val:
+            try:
+                prepared[case.id] = self.cache.load(case, self.classes, self.prep)
+            except LtudaError as exc:
+                problems.append(str(exc))
+        if problems:
+            from ..errors import ManifestProblems
+            raise ManifestProblems(problems)
+        self.train_cases, self.val_cases = train, val
+        self.pool = SlicePool([prepared[c.id] for c in train], self.num_classes, self.device)
+        self.val_prepared = [prepared[c.id] for c in val]
+        if self.config.iterations_per_epoch <= 0:
+            self.config.iterations_per_epoch = max(1, math.ceil(len(self.pool) / self.config.batch_size))
+
+    def _network(self) -> LTUDANet:
+        net = LTUDANet(NetworkConfig(self.num_classes, tuple(self.config.features), self.config.embedding_dim,
+                                     self.config.prototypes))
+        net = net.to(self.device)
+        if self.device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        return net
+
+    def _optimizer(self, net):
+        cfg = self.config
+        return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+
+    # ----- checkpoints -----
+    def _save_last(self, stage_index, epoch, iteration):
+        state = {
+            "format": torch.tensor(1),
+            "stage_index": torch.tensor(stage_index),
+            "epoch": torch.tensor(epoch),
+            "iteration": torch.tensor(iteration),
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "best_dice": torch.tensor(self.best["mean_dice"]),
+            "elapsed": torch.tensor(self.elapsed()),
+        }
+        atomic_torch_save(state, self.out_dir / LAST)
+        atomic_write_json({"config": self.config.to_json(), "best": self.best}, self.out_dir / CONFIG)
+        self.report.emit("checkpoint", kind="last", path=str(self.out_dir / LAST))
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.started
+
+    def _metadata(self, completed: bool) -> dict:
+        cfg = self.config
+        return {
+            "classes": self.classes,
+            "preprocessing": self.prep.to_json(),
+            "default_head": self.best.get("head") or "linear",
+            "training": {
+                "method": cfg.method, "preset": cfg.preset, "stages": list(cfg.stages),
+                "epochs": {str(s): cfg.epochs(s) for s in cfg.stages}, "iterations_per_epoch": cfg.iterations_per_epoch,
+                "seconds": round(self.elapsed(), 1), "device": device_name(self.device), "dataset": str(self.manifest.path),
+                "cases": {"train": len(self.train_cases), "val": len(self.val_cases)}, "seed": cfg.seed,
+                "completed": completed, "best": {k: self.best[k] for k in ("stage", "epoch", "model", "head")},
+                "config": cfg.to_json(), "ltuda_version": __version__,
+            },
+            "validation": {
+                "mean_dice": self.best["mean_dice"],
+                "per_organ": self.best.get("per_organ", {}),
+                "by_head": self.best.get("by_head", {}),
+            },
+        }
+
+    def _consider_best(self, stage, epoch, results):
+        """results: {(model, head): (mean, per_organ)}; keep the best network+head seen so far."""
+        (model, head), (mean, per_organ) = max(results.items(), key=lambda kv: (kv[1][0], kv[0][0] == "teacher"))
+        by_head = {f"{m}/{h}": r[0] for (m, h), r in results.items()}
+        if mean > self.best["mean_dice"] or self.best["stage"] is None:
+            self.best = {"mean_dice": mean, "per_organ": per_organ, "stage": stage, "epoch": epoch, "model": model,
+                         "head": head, "by_head": by_head}
+            network = self.teacher if model == "teacher" else self.student
+            save_model(self.out_dir, network, self._metadata(completed=False))
+            self.report.emit("checkpoint", kind="best", path=str(self.out_dir / "model.pt"), mean_dice=mean,
+                             model=model, head=head)
+
+    # ----- the loop -----
+    def _ema_update(self, step: int):
+        decay = min(self.config.ema_decay, 1.0 - 1.0 / (step + 1))  # short warm-up (mean-teacher practice)
+        with torch.no_grad():
+            for t, s in zip(self.teacher.parameters(), self.student.parameters()):
+                t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+            for t, s in zip(self.teacher.buffers(), self.student.buffers()):
+                t.copy_(s)
+
+    def _handle_signal(self, signum, frame):
+        self.stop_requested = True
+        self.report.log("stop requested: saving a checkpoint, then exiting (run again with --resume to continue)")
+
+    def run(self) -> dict:
+        self._load_data()
+        cfg = self.config
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.student = self._network()
+        self.teacher = copy.deepcopy(self.student)
+        self.optimizer = self._optimizer(self.student)
+        self.best = {"mean_dice": -1.0, "stage": None, "epoch": None, "model": None, "head": None}
+        self.elapsed_before = 0.0
+        start_stage, start_epoch, start_iter = 0, 0, 0
+        if self.resume:
+            start_stage, start_epoch, start_iter = self._restore()
+        stages = list(cfg.stages)
+        iters = cfg.iterations_per_epoch
+        total = sum(cfg.epochs(s) for s in stages) * iters
+        done_before = sum(cfg.epochs(s) for s in stages[:start_stage]) * iters + start_epoch * iters + start_iter
+        self.report.emit("start", command="train", method=cfg.method, preset=cfg.preset, device=self.device.type,
+                         device_name=device_name(self.device), stages=stages,
+                         epochs={str(s): cfg.epochs(s) for s in stages}, iterations_per_epoch=iters,
+                         cases={"train": len(self.train_cases), "val": len(self.val_cases)},
+                         slices=len(self.pool), resumed=self.resume)
+        previous = {sig: signal.signal(sig, self._handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        ctx = StepContext(cfg, self.num_classes, self.generator, self._autocast)
+        global_step, run_started, steps_this_run = done_before, time.time(), 0
+        try:
+            for stage_index in range(start_stage, len(stages)):
+                stage = stages[stage_index]
+                first_epoch = start_epoch if stage_index == start_stage else 0
+                if first_epoch == 0 and start_iter == 0 and stage_index > 0:
+                    self._begin_stage()
+                self.report.emit("stage", stage=stage, name=STAGE_NAMES[stage], epochs=cfg.epochs(stage))
+                for epoch in range(first_epoch, cfg.epochs(stage)):
+                    lr = cfg.lr * (1 - epoch / cfg.epochs(stage)) ** cfg.poly_power
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    self.student.train()
+                    losses, epoch_started = [], time.time()
+                    first_iter = start_iter if (stage_index == start_stage and epoch == first_epoch) else 0
+                    for iteration in range(first_iter, iters):
+                        if self.stop_requested:
+                            self._save_last(stage_index, epoch, iteration)
+                            raise StopRequested()
+                        batch = self.pool.batch(cfg.batch_size, self.generator)
+                        if stage == 0:
+                            loss = supervised_step(ctx, self.student, batch)
+                        else:
+                            loss = ltuda_step(ctx, self.student, self.teacher, batch, stage)
+                        if not torch.isfinite(loss):
+                            raise LtudaError(f"the loss became {loss.item()} at stage {stage}, epoch {epoch + 1}",
+                                             fix="Lower --lr, or check the images for extreme values.")
+                        self.optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        self.optimizer.step()
+                        global_step += 1
+                        steps_this_run += 1
+                        self._ema_update(global_step)
+                        losses.append(loss.item())
+                    seconds = time.time() - epoch_started
+                    rate = (time.time() - run_started) / max(1, steps_this_run)
+                    self.report.emit(
+                        "epoch", stage=stage, epoch=epoch + 1, epochs=cfg.epochs(stage),
+                        loss=float(np.mean(losses)) if losses else float("nan"), lr=lr,
+                        images_per_s=len(losses) * cfg.batch_size / max(seconds, 1e-9),
+                        eta_s=rate * (total - global_step), progress=global_step / total,
+                    )
+                    last_epoch = epoch + 1 == cfg.epochs(stage)
+                    if self.val_prepared and ((epoch + 1) % cfg.validate_every == 0 or last_epoch):
+                        self._validate(stage, epoch + 1)
+                    self._save_last(stage_index, epoch + 1, 0)
+                start_epoch, start_iter = 0, 0
+        except StopRequested:
+            self._finish(completed=False)
+            return {"status": "cancelled", "mean_dice": self.best["mean_dice"]}
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self._finish(completed=True)
+        return {"status": "completed", "mean_dice": self.best["mean_dice"]}
+
+    def _begin_stage(self):
+        """A new stage starts from the previous stage's student; the teacher restarts from it too."""
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.optimizer = self._optimizer(self.student)
+
+    def _validate(self, stage, epoch):
+        heads = ("linear",) if stage in (0, 1) else HEADS
+        results = {}
+        for model_name, net in (("student", self.student), ("teacher", self.teacher)):
+            for head in heads:
+                mean, per_organ = validate(net, self.val_prepared, self.classes, head, self.device, self._autocast)
+                results[(model_name, head)] = (mean, per_organ)
+                self.report.emit("validation", stage=stage, epoch=epoch, model=model_name, head=head,
+                                 mean_dice=mean, per_organ=per_organ)
+        self._consider_best(stage, epoch, results)
+
+    def _finish(self, completed: bool):
+        if self.best["stage"] is None:  # no validation cases: the final teacher is the model
+            self.best.update({"stage": self.config.stages[-1], "epoch": self.config.epochs(self.config.stages[-1]),
+                              "model": "teacher", "head": "linear", "mean_dice": float("nan")})
+            save_model(self.out_dir, self.teacher, self._metadata(completed))
+        else:
+            meta = self._metadata(completed)
+            atomic_write_json({**safe_json(self.out_dir / "model.json"), **meta}, self.out_dir / "model.json")
+
+    def _restore(self):
+        path = self.out_dir / LAST
+        if not path.is_file():
+            raise LtudaError("has no checkpoint to resume from", self.out_dir, "Start a new run without --resume.")
+        state = safe_torch_load(path, "checkpoint")
+        try:
+            self.student.load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.generator.set_state(state["generator"])
+            saved = safe_json(self.out_dir / CONFIG)
+            self.best = saved.get("best", self.best)
+            self.elapsed_before = float(state["elapsed"])
+            return int(state["stage_index"]), int(state["epoch"]), int(state["iteration"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise LtudaError(f"does not match this training run ({str(exc).splitlines()[0][:160]})", path,
+                             "Resume with the same settings, or start again with --overwrite.") from None
+
+
+def safe_json(path) -> dict:
+    import json
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
