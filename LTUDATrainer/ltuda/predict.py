@@ -160,5 +160,7 @@ def run_prediction(model_dir, input_path, output_path, head="auto", postprocess=
             report.emit("case_failed", input=str(src), message=message)
     summary = {"cases": len(jobs), "done": len(done), "skipped": len(skipped), "failed": failed,
                "outputs": done, "seconds_per_case": round(float(np.mean(seconds)), 3) if seconds else None}
+    if predictor.device.type == "cuda":
+        summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(predictor.device) / 2**30, 3)
     report.emit("done", status="completed", **summary)
     return summary

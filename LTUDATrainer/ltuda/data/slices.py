@@ -17,8 +17,8 @@ class SlicePool:
         images, labels, labeled = [], [], []
         for case in prepared_cases:
             start, stop = foreground_slice_range(np.asarray(case.labels))
-            images.append(torch.from_numpy(np.ascontiguousarray(case.image[start:stop])))
-            labels.append(torch.from_numpy(np.ascontiguousarray(case.labels[start:stop])))
+            images.append(torch.from_numpy(np.array(case.image[start:stop])))
+            labels.append(torch.from_numpy(np.array(case.labels[start:stop])))
             mask = torch.zeros(num_classes, dtype=torch.bool)
             for value in case.labeled:
                 mask[value - 1] = True

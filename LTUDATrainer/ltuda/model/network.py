@@ -66,11 +66,16 @@ class LTUDANet(nn.Module):
         logits = self.class_norm(best.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return logits, similarity
 
-    def forward(self, images: torch.Tensor, heads=HEADS) -> dict:
+    def forward(self, images: torch.Tensor, heads=HEADS, prototype_from: int = 0) -> dict:
+        """Logits of the requested heads; prototype heads only for images[prototype_from:].
+
+        Training needs the prototype classifiers on the strong views only, so the weak view's
+        embedding is never computed.
+        """
         features = self.backbone(images)
         out = {"linear": self.linear_head(features)}
         if any(h.startswith("proto") for h in heads):
-            embedding = self.embed(features)
+            embedding = self.embed(features[prototype_from:])
             out["embedding"] = embedding
             for head, bank in (("proto-labeled", self.prototypes_labeled), ("proto-unlabeled", self.prototypes_unlabeled)):
                 if head in heads:

@@ -73,7 +73,7 @@ def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.T
     b, k = images.shape[0], len(views)
     heads = ("linear",) if stage == 1 else ("linear", "proto-labeled", "proto-unlabeled")
     with ctx.autocast():
-        out = student(torch.cat([images] + [v[0] for v in views]), heads=heads)
+        out = student(torch.cat([images] + [v[0] for v in views]), heads=heads, prototype_from=b)
     linear = out["linear"]
     loss = partial_bce(linear[:b], partial)
     strong_pseudo = torch.cat([v[2] for v in views])
@@ -85,11 +85,11 @@ def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.T
             loss = loss + partial_bce(logits, view_partial)
     if stage == 2:
         strong_labels = torch.cat([v[3] for v in views])
-        loss = loss + k * _prototype_terms(ctx, student, out, b, strong_pseudo, strong_labels)
+        loss = loss + k * _prototype_terms(ctx, student, out, strong_pseudo, strong_labels)
     return loss
 
 
-def _prototype_terms(ctx, student, out, b, target, gt_labels) -> torch.Tensor:
+def _prototype_terms(ctx, student, out, target, gt_labels) -> torch.Tensor:
     """Both prototype classifiers on the strong views (mean over views), and their bank updates.
 
     Labelled bank: updated from ground-truth-labelled organ pixels. Unlabelled bank: from pseudo-
@@ -103,12 +103,12 @@ def _prototype_terms(ctx, student, out, b, target, gt_labels) -> torch.Tensor:
         "proto-unlabeled": ~labeled_fg,  # pseudo organs and background
     }
     banks = {"proto-labeled": "prototypes_labeled", "proto-unlabeled": "prototypes_unlabeled"}
-    embedding = out["embedding"][b:]
+    embedding = out["embedding"]
     pixels = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]).detach()
     flat_target = target.reshape(-1)
     total = 0.0
     for head, bank_name in banks.items():
-        logits, similarity = out[head][b:], out[head + "-similarity"][b:]
+        logits, similarity = out[head], out[head + "-similarity"]
         with torch.no_grad():
             # similarity [V, K, M, H, W] -> each pixel's similarities to its own class's prototypes
             own = similarity.permute(0, 3, 4, 1, 2).reshape(-1, classes, similarity.shape[2])
