@@ -67,8 +67,8 @@ def test_dataset_check_lists_every_problem_at_once(tmp_path):
     undeclared["labels"] = {"1": "liver"}
     empty = _good_pair(tmp_path, "empty")
     _write(np.zeros((8, 32, 32), np.uint8), tmp_path / "empty_seg.nii.gz")
-    nan = _good_pair(tmp_path, "nan")
-    _write(np.full((8, 32, 32), np.nan, np.float32), tmp_path / "nan.nii.gz")
+    nan = dict(_good_pair(tmp_path, "nan"), image="nan.nrrd")  # NRRD keeps NaN (the NIfTI reader zeroes it)
+    _write(np.full((8, 32, 32), np.nan, np.float32), tmp_path / "nan.nrrd")
     constant = _good_pair(tmp_path, "constant")
     _write(np.full((8, 32, 32), 7, np.int16), tmp_path / "constant.nii.gz")
     missing = dict(_good_pair(tmp_path, "missing"), image="nowhere.nii.gz")
@@ -79,7 +79,7 @@ def test_dataset_check_lists_every_problem_at_once(tmp_path):
         "mismatch_seg.nii.gz", "does not match",
         "undeclared_seg.nii.gz", "label value(s) [3]",
         "empty_seg.nii.gz", "empty",
-        "nan.nii.gz", "NaN",
+        "nan.nrrd", "NaN",
         "constant.nii.gz", "constant",
         "nowhere.nii.gz",
         "corrupt.nii.gz",

@@ -7,7 +7,7 @@ labelled-only baseline with the same data, seed and budget -> segment the test c
 import time
 from pathlib import Path
 
-from .evaluate import evaluate
+from .evaluate import evaluate_case, summarise, write_results
 from .manifest import load_manifest
 from .predict import run_prediction
 from .train.config import make_config
@@ -36,10 +36,13 @@ def run_demo(out: Path, device: str = "auto", report=None, cases_per_site: int =
         run_report = TeeReporter(report, file_reporter(model_dir / "progress.jsonl", model_dir / "train.log"))
         Trainer(manifest, model_dir, config, run_report, cache_dir=out / "cache").run()
         pred_dir = out / "predictions" / method
+        scores = []
         for case in test_cases_list:
-            run_prediction(model_dir, case.image, pred_dir / f"{case.id}.seg.nrrd", device=device, overwrite=True)
-        results[method] = evaluate(pred_dir, manifest.root / "labels", manifest.classes,
-                                   out_dir=out / "evaluation" / method)
+            pred = pred_dir / f"{case.id}.seg.nrrd"
+            run_prediction(model_dir, case.image, pred, device=device, overwrite=True)
+            scores.append(evaluate_case(pred, case.label, manifest.classes, truth_value_map=case.value_map))
+        results[method] = summarise(scores, manifest.classes)
+        write_results(results[method], out / "evaluation" / method)
     report.log("4/4 test-set Dice (fully labelled test site, 3D):")
     names = [c["name"] for c in manifest.classes]
     print(f"{'organ':<12}" + "".join(f"{m:>14}" for m in METHODS))

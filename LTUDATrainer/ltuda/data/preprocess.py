@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LtudaError
-from ..io.volumes import read_image, read_segmentation, same_geometry
+from ..io.volumes import on_grid_of, read_image, read_segmentation
 from ..manifest import BACKGROUND, Case
 from ..terminology import match_class
 
@@ -95,14 +95,15 @@ def _label_to_class_values(case: Case, classes, image: sitk.Image) -> np.ndarray
     else:
         label_image = read_image(case.label)
         value_map = case.value_map
-    if not same_geometry(label_image, image):
+    on_image_grid = on_grid_of(label_image, image)  # a label stored with other axis flips is fine
+    if on_image_grid is None:
         raise LtudaError(
             f"label geometry (size {label_image.GetSize()}, spacing {tuple(round(s, 4) for s in label_image.GetSpacing())}) "
             f"does not match the image {case.image.name} (size {image.GetSize()}, spacing "
             f"{tuple(round(s, 4) for s in image.GetSpacing())})",
             case.label, "Resample the label onto the image grid (e.g. Slicer's Resample Scalar/Vector/DWI Volume).",
         )
-    raw = sitk.GetArrayFromImage(label_image)
+    raw = sitk.GetArrayFromImage(on_image_grid)
     values = np.unique(raw)
     undeclared = [int(v) for v in values if v != 0 and int(v) not in value_map]
     if undeclared:

@@ -1,0 +1,1 @@
+"""Reading and writing volumes: CT images (NIfTI, NRRD, MHA, DICOM series), label maps and Slicer `.seg.nrrd`."""

@@ -1,0 +1,275 @@
+"""Reading volumes: CT images (NIfTI, NRRD, MHA/MHD, DICOM series folders) and Slicer `.seg.nrrd` files.
+
+Every image comes back as a 3D scalar SimpleITK image in LPS physical space (as ITK always uses), and
+every bad input raises an LtudaError naming the file and how to fix it.
+"""
+
+import re
+from pathlib import Path
+
+import nrrd
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import LtudaError
+
+# Longest first where one ends another (".seg.nrrd" before ".nrrd", ".nii.gz" before ".nii").
+VOLUME_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+SEG_SUFFIX = ".seg.nrrd"
+
+_READ_FIX = "Pass a 3D volume (.nii.gz, .nii, .nrrd, .mha) or a folder holding one DICOM series; re-export the file if it is damaged."
+
+# Coordinates of NRRD spaces in LPS (ITK's physical space): RAS flips the first two axes.
+_SPACE_TO_LPS = {
+    "left-posterior-superior": np.diag([1.0, 1.0, 1.0]),
+    "lps": np.diag([1.0, 1.0, 1.0]),
+    "right-anterior-superior": np.diag([-1.0, -1.0, 1.0]),
+    "ras": np.diag([-1.0, -1.0, 1.0]),
+}
+
+
+def volume_stem(path) -> str:
+    """File name without its volume suffix ("a.seg.nrrd" -> "a", "ct.nii.gz" -> "ct"); a folder's name."""
+    path = Path(path)
+    if path.is_dir():
+        return path.name
+    lower = path.name.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if lower.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+def is_seg_nrrd(path) -> bool:
+    return Path(path).name.lower().endswith(SEG_SUFFIX)
+
+
+def _dicom_series(folder: Path) -> list:
+    """File names of each DICOM series directly in `folder`, largest series first."""
+    # ITK warns "No Series were found" on every non-DICOM folder: expected here, so keep stderr quiet.
+    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError:
+        return []
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
+    series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids]
+    return sorted(series, key=len, reverse=True)
+
+
+def is_dicom_folder(path) -> bool:
+    path = Path(path)
+    return path.is_dir() and bool(_dicom_series(path))
+
+
+def list_volumes(folder, include_segmentations: bool = False) -> list:
+    """Volume files and DICOM-series subfolders directly inside `folder`, sorted by name.
+
+    `.seg.nrrd` files are segmentations, not images: listed only with `include_segmentations`.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LtudaError("folder not found", folder, "Pass an existing folder of volumes.")
+    found = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if is_dicom_folder(entry):
+                found.append(entry)
+        elif entry.name.lower().endswith(VOLUME_SUFFIXES):
+            if include_segmentations or not is_seg_nrrd(entry):
+                found.append(entry)
+    return found
+
+
+def _itk_reason(exc: Exception) -> str:
+    """The useful last line of an ITK exception, without source locations and object addresses."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = lines[-1] if lines else "unknown error"
+    reason = re.sub(r"^(sitk|itk)::ERROR:\s*", "", reason)
+    return re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", reason)
+
+
+def _as_3d_scalar(image: sitk.Image, path) -> sitk.Image:
+    components = image.GetNumberOfComponentsPerPixel()
+    if components > 1:
+        raise LtudaError(
+            f"has {components} values per voxel (a colour, vector, multi-channel or 4D image), not a 3D scalar volume",
+            path, "Export a single-channel 3D CT volume.",
+        )
+    if "vector" in image.GetPixelIDTypeAsString():
+        image = sitk.VectorIndexSelectionCast(image, 0)
+    size = list(image.GetSize())
+    if image.GetDimension() == 4 and size[3] == 1:  # a 3D volume stored as one time point
+        image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
+    if image.GetDimension() != 3:
+        raise LtudaError(
+            f"is a {image.GetDimension()}D image of size {tuple(size)}, not a 3D volume", path,
+            "Pass a 3D CT volume (for a time series, export the one frame to segment).",
+        )
+    return image
+
+
+def read_image(path) -> sitk.Image:
+    """A 3D scalar image from a volume file or a DICOM series folder (the largest series if several)."""
+    path = Path(path)
+    if not path.exists():
+        raise LtudaError("file not found", path, "Check the path.")
+    if path.is_dir():
+        series = _dicom_series(path)
+        if not series:
+            raise LtudaError("is a folder without a DICOM series", path, _READ_FIX)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(series[0])
+    else:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise LtudaError(f"cannot be read as an image ({_itk_reason(exc)})", path, _READ_FIX) from None
+    return _as_3d_scalar(image, path)
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
+    """Same voxel grid: size, spacing, origin and direction (relative tolerance for large coordinates)."""
+    if a.GetSize() != b.GetSize():
+        return False
+    return all(
+        np.allclose(x, y, rtol=tol, atol=tol)
+        for x, y in ((a.GetSpacing(), b.GetSpacing()), (a.GetOrigin(), b.GetOrigin()), (a.GetDirection(), b.GetDirection()))
+    )
+
+
+def on_grid_of(image: sitk.Image, reference: sitk.Image, tol: float = 1e-4):
+    """`image` on `reference`'s voxel grid when both are the same grid stored with other axis flips or order
+    (e.g. a mask saved LAS for an LPS scan): reoriented, never resampled. None when the grids differ."""
+    if same_geometry(image, reference, tol):
+        return image
+    orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(reference.GetDirection())
+    try:
+        reoriented = sitk.DICOMOrient(image, orientation)
+    except RuntimeError:
+        return None
+    return reoriented if same_geometry(reoriented, reference, tol) else None
+
+
+def _reference_padding(header: dict, shape_ijk, ijk_to_lps: np.ndarray):
+    """(pad before, pad after, full-grid origin) in IJK that restores the grid Slicer cropped on save, or None.
+
+    Slicer may save only the box around the segments (offset "Segmentation_ReferenceImageExtentOffset"
+    within the full grid); the "Reference image geometry" conversion parameter keeps the full grid, i.e.
+    the image it was drawn on. Padding back makes the labels line up voxel-for-voxel with that image.
+    """
+    geometry = None
+    for param in header.get("Segmentation_ConversionParameters", "").split("&"):
+        name, _, rest = param.partition("|")
+        if name == "Reference image geometry":
+            geometry = rest.split("|")[0]
+    try:
+        values = [float(v) for v in geometry.split(";") if v.strip()]
+        offset = np.array([int(v) for v in header.get("Segmentation_ReferenceImageExtentOffset", "0 0 0").split()])
+    except (AttributeError, ValueError):
+        return None
+    if len(values) != 22 or offset.shape != (3,):
+        return None
+    reference = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.array(values[:16]).reshape(4, 4)  # IJK -> RAS, made LPS
+    extent = np.array(values[16:], dtype=int).reshape(3, 2)
+    file_origin = reference @ np.append(offset, 1.0)
+    if not (np.allclose(reference[:3, :3], ijk_to_lps[:3, :3], atol=1e-4)
+            and np.allclose(file_origin[:3], ijk_to_lps[:3, 3], atol=1e-3)):
+        return None
+    before = offset - extent[:, 0]
+    after = extent[:, 1] - (offset + np.asarray(shape_ijk) - 1)
+    if (before < 0).any() or (after < 0).any() or not (before.any() or after.any()):
+        return None
+    return before, after, (reference @ np.append(extent[:, 0], 1.0))[:3]
+
+
+def _segment_fields(header: dict, i: int) -> dict:
+    return {key[len(f"Segment{i}_"):]: value for key, value in header.items() if key.startswith(f"Segment{i}_")}
+
+
+def _terminology_tag(tags: str) -> str:
+    for tag in (tags or "").split("|"):
+        key, _, value = tag.partition(":")
+        if key == "TerminologyEntry":
+            return value
+    return ""
+
+
+def read_segmentation(path):
+    """A Slicer `.seg.nrrd` as (uint8 label image in LPS, segments).
+
+    Voxel value k (1..N) is segment k of the list; segments are dicts {"index": k, "id", "name",
+    "color": [r, g, b] 0-255, "terminology_tag"}, empty ones included. Overlapping segments (the 4D
+    multi-layer form) are flattened: where they overlap, the later segment wins.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LtudaError("file not found", path, "Check the path.")
+    fix = "Re-save the segmentation from 3D Slicer as a .seg.nrrd file."
+    try:
+        data, header = nrrd.read(str(path), index_order="C")
+    except Exception as exc:  # pynrrd raises many types (NRRDError, ValueError, zlib.error...) for damaged files
+        raise LtudaError(f"cannot be read as a NRRD file ({exc})", path, fix) from None
+    space = str(header.get("space", "left-posterior-superior")).lower()
+    if space not in _SPACE_TO_LPS:
+        raise LtudaError(f"uses the NRRD space '{space}', which is not a patient space (LPS or RAS)", path, fix)
+    to_lps = _SPACE_TO_LPS[space]
+    directions = np.asarray(header.get("space directions", np.eye(data.ndim)), dtype=float)
+    if data.ndim == 4:  # [z, y, x, layer]: the layer axis is the first (fastest) NRRD axis
+        data, directions = np.moveaxis(data, -1, 0), directions[1:]
+    elif data.ndim == 3:
+        data = data[None]
+    else:
+        raise LtudaError(f"is a {data.ndim}D NRRD file, not a 3D segmentation", path, fix)
+    if directions.shape != (3, 3) or not np.isfinite(directions).all():
+        raise LtudaError("has no valid 'space directions' for its three spatial axes", path, fix)
+    axes = directions @ to_lps  # row i: step of voxel axis i in LPS (to_lps is diagonal)
+    spacing = np.linalg.norm(axes, axis=1)
+    origin = to_lps @ np.asarray(header.get("space origin", np.zeros(3)), dtype=float)
+
+    segments, layers_of, values_of = [], [], []
+    i = 0
+    while f"Segment{i}_ID" in header or f"Segment{i}_Name" in header:
+        fields = _segment_fields(header, i)
+        # Files from Slicer before 4.11 have no LabelValue/Layer: one binary layer per segment.
+        layers_of.append(int(fields.get("Layer", i if data.shape[0] > 1 else 0)))
+        values_of.append(int(fields.get("LabelValue", 1)))
+        try:
+            color = [int(round(float(c) * 255)) for c in fields.get("Color", "").split()][:3]
+        except ValueError:
+            color = []
+        segments.append({
+            "index": i + 1,
+            "id": fields.get("ID", f"Segment_{i + 1}"),
+            "name": fields.get("Name", fields.get("ID", f"Segment_{i + 1}")),
+            "color": [min(255, max(0, c)) for c in color] if len(color) == 3 else [128, 128, 128],
+            "terminology_tag": _terminology_tag(fields.get("Tags", "")),
+        })
+        i += 1
+    if len(segments) > 255:
+        raise LtudaError(f"has {len(segments)} segments; at most 255 are supported", path, "Remove unused segments.")
+
+    labels = np.zeros(data.shape[1:], dtype=np.uint8)
+    for seg, layer, value in zip(segments, layers_of, values_of):
+        if not 0 <= layer < data.shape[0]:
+            raise LtudaError(f"segment '{seg['name']}' is on layer {layer}, but the file has {data.shape[0]}", path, fix)
+        labels[data[layer] == value] = seg["index"]
+
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3], ijk_to_lps[:3, 3] = axes.T, origin
+    padding = _reference_padding(header, labels.shape[::-1], ijk_to_lps)
+    if padding is not None:
+        before, after, origin = padding
+        labels = np.pad(labels, list(zip(before[::-1], after[::-1])))
+
+    image = sitk.GetImageFromArray(labels)
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin(origin.tolist())
+    image.SetDirection((axes / spacing[:, None]).T.flatten().tolist())
+    return image, segments
