@@ -61,7 +61,8 @@ class Predictor:
     @torch.no_grad()
     def segment(self, image: sitk.Image, postprocess: bool = True, on_fraction=None) -> np.ndarray:
         """Class values on `image`'s own voxel grid (SimpleITK array order z, y, x)."""
-        canonical = sitk.GetArrayViewFromImage(to_canonical(image))
+        canonical_image = to_canonical(image)  # must outlive the array view below
+        canonical = sitk.GetArrayViewFromImage(canonical_image)
         depth, height, width = canonical.shape
         labels = np.zeros(canonical.shape, dtype=np.uint8)
         for start in range(0, depth, self.batch_size):
@@ -70,7 +71,8 @@ class Predictor:
             with self._autocast():
                 scores = class_probabilities(self.net(x[:, None], heads=(self.head,)), self.head)
             scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
-            labels[start:start + chunk.shape[0]] = scores.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            # max().indices: several times faster than argmax() over the channel axis on CPUs
+            labels[start:start + chunk.shape[0]] = scores.max(dim=1).indices.to(torch.uint8).cpu().numpy()
             if on_fraction:
                 on_fraction(min(1.0, (start + chunk.shape[0]) / depth))
         if postprocess:
