@@ -1,0 +1,284 @@
+"""A running backend command as a handle: status, progress, log, cancel, optional blocking wait.
+
+States follow MONAIAuto3DSeg's idea: starting -> running -> (importing) -> completed, or
+cancelling -> cancelled, or failed. `process()` must be called regularly on the owner's thread
+(Slicer: a 100 ms QTimer; scripts and tests: `wait()`); callbacks run inside it, so they may touch
+MRML and Qt.
+"""
+
+import collections
+import os
+import time
+
+from .errors import LTUDAError
+from .progress import ProgressState
+from .runner import EXIT, STDERR, STDOUT
+
+STARTING = "starting"
+RUNNING = "running"
+CANCELLING = "cancelling"
+IMPORTING = "importing"
+COMPLETED = "completed"
+CANCELLED = "cancelled"
+FAILED = "failed"
+FINAL_STATES = (COMPLETED, CANCELLED, FAILED)
+EXIT_STOPPED = 130
+
+
+class BackendJob:
+    """One backend command. Callbacks (all optional, called on the owner's thread):
+    onUpdate(job) after new progress, onLog(job, line) per log line, onFinished(job) once at the end,
+    onSuccess(job) when the command succeeded (may raise LTUDAError: then the job fails)."""
+
+    kind = "job"
+    cancelGrace = 0.0
+
+    def __init__(self, runner, title="", onUpdate=None, onLog=None, onFinished=None, onSuccess=None):
+        self.runner = runner
+        self.title = title or self.kind
+        self.progress = ProgressState()
+        self.status = STARTING
+        self.message = ""
+        self.details = ""
+        self.returncode = None
+        self.logLines = collections.deque(maxlen=400)
+        self.onUpdate = onUpdate
+        self.onLog = onLog
+        self.onFinished = onFinished
+        self.onSuccess = onSuccess
+        self.startTime = None
+        self.endTime = None
+        self._processing = False
+        self._cancelRequested = False
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def logPath(self):
+        return self.runner.logPath
+
+    @property
+    def finished(self):
+        return self.status in FINAL_STATES
+
+    @property
+    def succeeded(self):
+        return self.status == COMPLETED
+
+    def elapsedSeconds(self):
+        if self.startTime is None:
+            return 0.0
+        return (self.endTime or time.time()) - self.startTime
+
+    def fraction(self):
+        return self.progress.fraction()
+
+    def statusText(self):
+        if self.status == STARTING:
+            return "Starting..."
+        if self.status == CANCELLING:
+            return "Cancelling (waiting for the backend to save its state)..."
+        if self.status == IMPORTING:
+            return "Importing results..."
+        if self.finished:
+            return self.message
+        return self.progress.statusText()
+
+    # -- running ----------------------------------------------------------------------------
+    def start(self):
+        self.startTime = time.time()
+        try:
+            self.runner.start()
+        except OSError as exc:
+            self._fail(f"Could not start the backend: {exc}. Check the Python chosen in the Setup section.")
+            return self
+        self.status = RUNNING
+        self._notify()
+        return self
+
+    def process(self):
+        """Handle everything the child printed since the last call; True when something changed."""
+        if self._processing or self.finished or self.status == STARTING:
+            return False
+        self._processing = True
+        changed = False
+        try:
+            for kind, value in self.runner.poll():
+                changed = True
+                if kind == STDOUT:
+                    if self.progress.feed(value) is None and value.strip():
+                        self._log(value)
+                elif kind == STDERR:
+                    self._log(value)
+                elif kind == EXIT:
+                    self._exited(value)
+            if changed and not self.finished:
+                self._notify()
+        finally:
+            self._processing = False
+        return changed
+
+    def wait(self, timeout=None, idle=None, raiseOnError=True, interval=0.05):
+        """Block until the job ends (or `timeout` s): returns the status. With raiseOnError a failed
+        job raises LTUDAError carrying the same message the panel shows."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.finished:
+            self.process()
+            if self.finished:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                return self.status
+            if idle is not None:
+                idle()
+            time.sleep(interval)
+        if raiseOnError and self.status == FAILED:
+            raise LTUDAError(self.message, self.details)
+        return self.status
+
+    def cancel(self):
+        """Stop the run: training gets a grace period to save its checkpoint, then the tree is killed."""
+        if self.finished or self._cancelRequested:
+            return
+        self._cancelRequested = True
+        if self.status == STARTING:
+            self._end(CANCELLED, "Cancelled.")
+            return
+        self.status = CANCELLING
+        self.runner.stop(grace=self.cancelGrace)
+        self._notify()
+
+    def kill(self):
+        """Stop at once (scene close, application exit)."""
+        if self.finished:
+            return
+        self._cancelRequested = True
+        self.runner.stop(grace=0)
+
+    # -- internals --------------------------------------------------------------------------
+    def _log(self, line):
+        self.logLines.append(line)
+        if self.onLog is not None:
+            self.onLog(self, line)
+
+    def _notify(self):
+        if self.onUpdate is not None:
+            self.onUpdate(self)
+
+    def _lastErrorLine(self):
+        for line in reversed(self.logLines):
+            text = line.strip()
+            if text and not text.startswith("[exit code"):
+                return text
+        return ""
+
+    def _exited(self, code):
+        self.returncode = code
+        done = self.progress.done or {}
+        if self._cancelRequested and (code != 0 or done.get("status") == "cancelled"):
+            self._end(CANCELLED, self._cancelledMessage())
+            return
+        if code == 0 and self.progress.error is None and done.get("status", "completed") != "cancelled":
+            try:
+                if self.onSuccess is not None:
+                    self.status = IMPORTING
+                    self._notify()
+                    self.onSuccess(self)
+            except LTUDAError as exc:
+                self._fail(str(exc), getattr(exc, "details", ""))
+                return
+            except Exception as exc:  # a bug in result handling: still one readable message
+                self._fail(f"{self.title} finished but its results could not be loaded: {type(exc).__name__}: {exc}")
+                return
+            self._end(COMPLETED, self._completedMessage())
+            return
+        if done.get("status") == "cancelled" or (code == EXIT_STOPPED and self.progress.error is None):
+            self._end(CANCELLED, self._cancelledMessage())
+            return
+        self._fail(self._failureMessage(code))
+
+    def _failureMessage(self, code):
+        if self.progress.error:
+            reason = self.progress.error
+        elif code is not None and code < 0:
+            reason = (f"the backend process was killed (signal {-code}), often because the computer ran out of "
+                      "memory; try the 'fast' preset, the CPU, or close other programs")
+        else:
+            reason = self._lastErrorLine() or f"the backend exited with code {code}"
+        text = f"{self.title} failed: {reason}"
+        if "No module named" in reason:
+            text += (". The backend Python lacks a package: in the Setup section click Check, then Install missing "
+                     "packages (or choose another Python)")
+        return text
+
+    def _completedMessage(self):
+        return f"{self.title} completed in {_duration(self.elapsedSeconds())}."
+
+    def _cancelledMessage(self):
+        return f"{self.title} cancelled."
+
+    def _fail(self, message, details=""):
+        extra = []
+        if details:
+            extra.append(details)
+        if self.logPath:
+            extra.append(f"Log: {self.logPath}")
+        tail = list(self.logLines)[-15:]
+        if tail:
+            extra.append("Last lines of the log:\n" + "\n".join(tail))
+        self.details = "\n".join(extra)
+        if self.logPath and "Log:" not in message:
+            message = f"{message}\n(log: {self.logPath})"
+        self._end(FAILED, message)
+
+    def _end(self, status, message):
+        self.status = status
+        self.message = message
+        self.endTime = time.time()
+        if self.onFinished is not None:
+            self.onFinished(self)
+
+
+class TrainingJob(BackendJob):
+    kind = "training"
+    cancelGrace = 60.0  # the trainer saves its checkpoint on SIGTERM before exiting
+
+    def __init__(self, runner, modelDir, workDir=None, **kwargs):
+        kwargs.setdefault("title", "Training")
+        super().__init__(runner, **kwargs)
+        self.modelDir = os.path.abspath(str(modelDir))
+        self.workDir = workDir
+
+    def _completedMessage(self):
+        dice = self.progress.meanDice
+        text = f"Training completed in {_duration(self.elapsedSeconds())}; model saved in {self.modelDir}."
+        if dice is not None:
+            text += f" Validation mean Dice {dice:.3f}."
+        return text
+
+    def _cancelledMessage(self):
+        if os.path.isfile(os.path.join(self.modelDir, "model.json")):
+            return (f"Training cancelled. The model of the last checkpoint is usable from {self.modelDir}; "
+                    "start again with the same model folder to resume.")
+        return "Training cancelled before the first checkpoint; no model was saved."
+
+
+class PredictionJob(BackendJob):
+    kind = "prediction"
+    cancelGrace = 0.0
+
+    def __init__(self, runner, volumeNode, outputPath, labelMapPath=None, **kwargs):
+        kwargs.setdefault("title", "Segmentation")
+        super().__init__(runner, **kwargs)
+        self.volumeNode = volumeNode
+        self.outputPath = outputPath
+        self.labelMapPath = labelMapPath
+        self.segmentationNode = None
+
+    def _completedMessage(self):
+        name = self.segmentationNode.GetName() if self.segmentationNode is not None else "the result"
+        return f"Segmented '{self.volumeNode.GetName()}' in {_duration(self.elapsedSeconds())}: created '{name}'."
+
+
+def _duration(seconds):
+    from .progress import formatSeconds
+
+    return formatSeconds(seconds)

@@ -1,0 +1,517 @@
+"""The Slicer module's logic against real MRML (slicer-core), without the Slicer application or Qt.
+
+Cases from volume + segmentation nodes, the labelled/missing table, adding missing segments,
+exporting a manifest that `ltuda dataset check` accepts, folder import, models, importing
+predictions, and a real tiny training + prediction subprocess whose result is compared voxel by
+voxel with the backend's own label output, on RAS and LPS volumes.
+"""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "LTUDASegmentation"))
+
+import vtk  # noqa: E402
+
+from LTUDASegmentationLib import export as exportModule  # noqa: E402
+from LTUDASegmentationLib import jobs, organs, synthetic  # noqa: E402
+from LTUDASegmentationLib.backend import Backend  # noqa: E402
+from LTUDASegmentationLib.errors import LTUDAError  # noqa: E402
+from LTUDASegmentationLib.folders import findImageLabelPairs, parseValueMap  # noqa: E402
+from LTUDASegmentationLib.logic import LTUDALogicCore  # noqa: E402
+from LTUDASegmentationLib.models import ModelRegistry, readModel  # noqa: E402
+from LTUDASegmentationLib.progress import ProgressState  # noqa: E402
+from LTUDASegmentationLib.results import importPrediction  # noqa: E402
+from LTUDASegmentationLib.segments import (addSegmentForOrgan, ensureSegmentationConverters,  # noqa: E402
+                                           labelArrayOnVolume, segmentTerminology, setSegmentFromMask,
+                                           writeLabelFile, writeVolumeFile)
+from LTUDASegmentationLib.settings import JsonSettings  # noqa: E402
+
+ORGANS = ["liver", "spleen", "kidney"]
+TINY = ["--iterations-per-epoch", "2", "--image-size", "32", "--batch-size", "2"]
+
+
+def _backendImportable():
+    try:
+        importlib.import_module("ltuda.train")
+        importlib.import_module("ltuda.predict")
+        return True
+    except Exception:
+        return False
+
+
+needsBackend = pytest.mark.skipif(not _backendImportable(), reason="the ltuda backend (ltuda.train/ltuda.predict) "
+                                                                    "cannot be imported yet")
+
+
+@pytest.fixture
+def scene():
+    ensureSegmentationConverters()
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene  # slicer.util helpers look here
+    yield scene
+    scene.Clear(1)
+
+
+def makeLogic(scene, folder):
+    settings = JsonSettings(Path(folder) / "settings.json")
+    settings.setValue("WorkFolder", str(Path(folder) / "work"))
+    settings.setValue("ModelsFolder", str(Path(folder) / "models"))
+    settings.setValue("BackendPython", sys.executable)
+    logic = LTUDALogicCore(scene, settings)
+    logic.setOrgans(ORGANS)
+    return logic
+
+
+@pytest.fixture
+def logic(scene, tmp_path):
+    return makeLogic(scene, tmp_path)
+
+
+def snapshot(volume, segmentation):
+    """What must never change: node modification times, voxels, segment names/ids."""
+    seg = segmentation.GetSegmentation()
+    ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+    return (volume.GetMTime(), segmentation.GetMTime(), slicer.util.arrayFromVolume(volume).tobytes(),
+            [(i, seg.GetSegment(i).GetName()) for i in ids],
+            [labelArrayOnVolume(volume, segmentation, {i: 1}).tobytes() for i in ids])
+
+
+def ltuda(*args):
+    return subprocess.run([sys.executable, "-m", "ltuda", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def readLabelFile(scene, path):
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "reference")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    return node
+
+
+# --------------------------------------------------------------------------------------- organs
+def test_organ_preset_terminology_and_matching():
+    preset = organs.defaultOrgans()
+    assert [o["name"] for o in preset] == ["liver", "spleen", "kidney", "pancreas"]
+    assert [o["value"] for o in preset] == [1, 2, 3, 4]
+    assert preset[0]["color"] == [221, 130, 101]
+    tag = organs.terminologyTag(preset[0])
+    assert tag.split("~")[2] == "SCT^10200004^Liver" and tag.split("~")[0].endswith("DICOM master list")
+    # terminology first (a segment coded as liver is liver whatever its name), then name
+    assert organs.matchOrgan(preset, "Segment_1", tag)["name"] == "liver"
+    assert organs.matchOrgan(preset, "spleen", tag)["name"] == "liver"
+    assert organs.matchOrgan(preset, "Kidney_left", "")["name"] == "kidney"
+    assert organs.matchOrgan(preset, "right kidney", "")["name"] == "kidney"
+    tissue = "Segmentation category and type - 3D Slicer General Anatomy list~SCT^85756007^Tissue~SCT^85756007^Tissue~^^~~^^~^^"
+    assert organs.matchOrgan(preset, "PANCREAS", tissue)["name"] == "pancreas"
+    assert organs.matchOrgan(preset, "tumor", tissue) is None
+    assert organs.validateOrgans(preset + [organs.organClass("Liver", 5)])[0].startswith("The organ 'liver' is listed twice")
+    custom = organs.organClass("Psoas muscle", 5)
+    assert custom["terminology"] is None and organs.terminologyTag(custom) == ""
+    assert organs.organsFromJson(organs.organsToJson(preset)) == preset
+
+
+# ---------------------------------------------------------------------------------------- cases
+def test_case_table_labelled_empty_missing_and_summary(scene, logic):
+    vA, sA = synthetic.addSyntheticCase(scene, "liverCase", ORGANS, ["liver"], seed=1)
+    vB, sB = synthetic.addSyntheticCase(scene, "spleenCase", ORGANS, ["spleen"], flip=True, seed=2,
+                                        segmentNames={"spleen": "Spleen"})
+    logic.addCase(vA, sA)
+    logic.addCase(vB, sB)
+    assert logic.addCase(vA, sA) is logic.cases[0] and len(logic.cases) == 2  # no duplicates
+    # an empty segment named after an organ does not count as labelled
+    addSegmentForOrgan(sB, organs.organClass("kidney", 3))
+    rows = logic.caseTable()
+    assert [r["name"] for r in rows] == ["liverCase", "spleenCase"]
+    assert rows[0]["organs"] == {"liver": "labelled", "spleen": "missing", "kidney": "missing"}
+    assert rows[1]["organs"] == {"liver": "missing", "spleen": "labelled", "kidney": "empty"}
+    summary = logic.labelSummary()
+    assert summary["counts"] == {"liver": 1, "spleen": 1, "kidney": 0}
+    assert summary["errors"] == ["No case labels 'kidney': label it in at least one case ('Add missing labels') "
+                                 "or remove it from the organs."]
+    assert logic.checkCanTrain() == summary["errors"]
+    with pytest.raises(LTUDAError, match="No case labels 'kidney'"):
+        logic.exportTrainingData(str(Path(logic.workFolder()) / "x"))
+    # a segment that matches no organ: shown, and blocks training unless ignored
+    tumour = sA.GetSegmentation().AddEmptySegment("", "tumour", [1, 1, 0])
+    setSegmentFromMask(sA, tumour, np.pad(np.ones((2, 2, 2), bool), ((4, 6), (10, 28), (10, 28))),
+                       _matrix(vA))
+    logic.removeOrgan("kidney")
+    assert logic.caseTable()[0]["unmatched"] == ["tumour"]
+    assert any("'tumour' match no organ" in p for p in logic.checkCanTrain())
+    assert logic.checkCanTrain(ignoreUnmatched=True) == []
+    # removing a node from the scene drops its case
+    scene.RemoveNode(sB)
+    assert [r["name"] for r in logic.caseTable()] == ["liverCase"]
+
+
+def _matrix(volume):
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    return matrix
+
+
+def test_add_case_rejects_bad_input_with_clear_messages(scene, logic):
+    volume, segmentation = synthetic.addSyntheticCase(scene, "ct", ORGANS, ["liver"], seed=3)
+    with pytest.raises(LTUDAError, match="has no segmentation"):
+        logic.addCase(volume, None)
+    label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    with pytest.raises(LTUDAError, match="not a label map"):
+        logic.addCase(label, segmentation)
+    # a segmentation drawn on another grid (other voxel size)
+    other, otherSeg = synthetic.addSyntheticCase(scene, "other", ORGANS, ["liver"], seed=4)
+    spacingChanged = _matrix(other)
+    spacingChanged.SetElement(0, 0, 0.7)
+    other.SetIJKToRASMatrix(spacingChanged)
+    moved, movedSeg = synthetic.addSyntheticCase(scene, "moved", ORGANS, ["liver"], shape=(12, 20, 20), seed=5)
+    with pytest.raises(LTUDAError, match="different image grid"):
+        logic.addCase(other, segmentation)
+    # a segmentation that reaches outside the (smaller) volume
+    with pytest.raises(LTUDAError, match="lies outside the volume"):
+        logic.addCase(moved, segmentation)
+    assert logic.cases == []
+    # a volume and a segmentation under different transforms
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(LTUDAError, match="different transforms"):
+        logic.addCase(volume, segmentation)
+
+
+def test_add_missing_segments_names_colours_terminology(scene, logic):
+    volume, segmentation = synthetic.addSyntheticCase(scene, "ct", ORGANS, ["spleen"], seed=6)
+    logic.addCase(volume, segmentation)
+    added = logic.addMissingSegments(0)
+    seg = segmentation.GetSegmentation()
+    names = [seg.GetSegment(i).GetName() for i in added]
+    assert names == ["liver", "kidney"]
+    liver = seg.GetSegment(added[0])
+    assert organs.colorFromFloat(liver.GetColor()) == [221, 130, 101]
+    assert "SCT^10200004^Liver" in segmentTerminology(liver)
+    assert logic.caseTable()[0]["organs"] == {"liver": "empty", "spleen": "labelled", "kidney": "empty"}
+    assert logic.addMissingSegments(0) == []  # empty segments exist now: nothing more to add
+
+
+# --------------------------------------------------------------------------------------- export
+def test_export_writes_a_manifest_the_backend_accepts_and_leaves_nodes_untouched(scene, logic, tmp_path):
+    cases = [synthetic.addSyntheticCase(scene, "ras", ORGANS, ["liver", "kidney"], seed=7),
+             synthetic.addSyntheticCase(scene, "lps", ORGANS, ["spleen"], flip=True, seed=8),
+             synthetic.addSyntheticCase(scene, "ras", ORGANS, ["kidney"], seed=9, segmentNames={"kidney": "Kidney_R"})]
+    logic.addCasesFromNodes(cases)
+    before = [snapshot(v, s) for v, s in cases]
+    manifestPath = logic.exportTrainingData(str(tmp_path / "export"))
+    assert [snapshot(v, s) for v, s in cases] == before
+    doc = json.loads(Path(manifestPath).read_text(encoding="utf-8"))
+    assert doc["schema"] == "ltuda-dataset" and doc["version"] == 1
+    assert [(c["name"], c["value"]) for c in doc["classes"]] == [("liver", 1), ("spleen", 2), ("kidney", 3)]
+    assert doc["classes"][0]["terminology"]["type"] == ["SCT", "10200004", "Liver"]
+    assert [c["id"] for c in doc["cases"]] == ["ras", "lps", "ras_2"]
+    assert doc["cases"][0]["labels"] == {"1": "liver", "3": "kidney"}
+    assert doc["cases"][0]["labeled"] == ["liver", "kidney"]
+    assert doc["cases"][2]["labeled"] == ["kidney"] and doc["cases"][0]["image"] == "images/ras.nrrd"
+    # the exported label map holds the class values, voxel for voxel, on the volume's grid
+    for (volume, segmentation), entry in zip(cases, doc["cases"]):
+        exported = slicer.util.arrayFromVolume(readLabelFile(scene, Path(manifestPath).parent / entry["label"]))
+        seg = segmentation.GetSegmentation()
+        expected = np.zeros_like(exported)
+        for i in range(seg.GetNumberOfSegments()):
+            organ = organs.matchOrgan(logic.organs, seg.GetNthSegment(i).GetName(), "")
+            expected[labelArrayOnVolume(volume, segmentation, {seg.GetNthSegmentID(i): 1}) > 0] = organ["value"]
+        assert np.array_equal(exported, expected) and exported.any()
+    result = ltuda("dataset", "check", manifestPath)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "liver 1, spleen 1, kidney 2" in result.stdout
+
+
+def test_export_refuses_when_the_disk_is_full(scene, logic, tmp_path, monkeypatch):
+    logic.setOrgans(["liver"])
+    logic.addCase(*synthetic.addSyntheticCase(scene, "ct", ORGANS, ["liver"], seed=10))
+
+    class Usage:
+        free = 1000
+
+    monkeypatch.setattr(exportModule.shutil, "disk_usage", lambda path: Usage)
+    with pytest.raises(LTUDAError, match="Not enough free disk space in the work folder"):
+        logic.exportTrainingData(str(tmp_path / "full"))
+
+
+def test_export_refuses_overlapping_organs_that_hide_one(scene, logic, tmp_path):
+    logic.setOrgans(["liver", "spleen"])
+    volume, segmentation = synthetic.addSyntheticCase(scene, "ct", ORGANS, ["liver"], seed=11)
+    liverId = segmentation.GetSegmentation().GetNthSegmentID(0)
+    spleen = addSegmentForOrgan(segmentation, organs.organClass("spleen", 2))
+    liverMask = labelArrayOnVolume(volume, segmentation, {liverId: 1}) > 0
+    # spleen drawn first in display order hides nothing, but the liver painted over all of it does
+    setSegmentFromMask(segmentation, spleen, liverMask, _matrix(volume))
+    segmentation.GetSegmentation().SetSegmentIndex(spleen, 0)
+    logic.addCase(volume, segmentation)
+    with pytest.raises(LTUDAError, match="hidden by other segments"):
+        logic.exportTrainingData(str(tmp_path / "overlap"))
+
+
+# ---------------------------------------------------------------------------------- folder import
+def _writeFileDataset(scene, folder, layout):
+    """A small dataset on disk: MSD layout (imagesTr/labelsTr) or LiTS flat names."""
+    folder = Path(folder)
+    paths = []
+    for i in range(2):
+        volume, segmentation = synthetic.addSyntheticCase(scene, f"src{i}", ORGANS, ["liver"], seed=20 + i)
+        labels = labelArrayOnVolume(volume, segmentation, {segmentation.GetSegmentation().GetNthSegmentID(0): 1})
+        labels[(labels == 1) & (np.arange(labels.shape[2]) % 3 == 0)] = 2  # "tumour" inside the liver
+        if layout == "msd":
+            image, label = folder / "imagesTr" / f"liver_{i}.nii.gz", folder / "labelsTr" / f"liver_{i}.nii.gz"
+        else:
+            image, label = folder / f"volume-{i}.nii", folder / f"segmentation-{i}.nii"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        label.parent.mkdir(parents=True, exist_ok=True)
+        writeVolumeFile(volume, image, compress=True)
+        writeLabelFile(labels, volume, label)
+        paths.append((image, label))
+        scene.RemoveNode(volume)
+        scene.RemoveNode(segmentation)
+    if layout == "msd":
+        (folder / "imagesTr" / "._liver_0.nii.gz").write_bytes(b"macOS junk")
+    return paths
+
+
+@pytest.mark.parametrize("layout", ["msd", "lits"])
+def test_import_folder_with_a_value_map(scene, logic, tmp_path, layout):
+    data = tmp_path / "dataset"
+    written = _writeFileDataset(scene, data, layout)
+    pairs = findImageLabelPairs(data)
+    assert [(Path(i), Path(lab)) for _n, i, lab in pairs] == written
+    with pytest.raises(LTUDAError, match="'tumor' \\(label 2\\) is not one of the organs"):
+        logic.importCaseFolder(data, "1=liver, 2=tumor")
+    with pytest.raises(LTUDAError, match="not of the form"):
+        parseValueMap("liver", logic.organs)
+    added = logic.importCaseFolder(data, "1=liver; 2=liver")
+    assert len(added) == 2 and logic.caseTable()[0]["organs"]["liver"] == "labelled"
+    assert logic.caseTable()[0]["kind"] == "files"
+    # a file case needs the other organs from somewhere: one scene case labels spleen and kidney
+    logic.addCase(*synthetic.addSyntheticCase(scene, "scene", ORGANS, ["spleen", "kidney"], seed=30))
+    manifestPath, outside = exportModule.exportTrainingData(logic.cases, logic.organs, tmp_path / "work")
+    assert outside
+    doc = json.loads(Path(manifestPath).read_text(encoding="utf-8"))
+    assert doc["cases"][0]["labels"] == {"1": "liver", "2": "liver"} and doc["cases"][0]["labeled"] == ["liver"]
+    result = ltuda("dataset", "check", manifestPath, "--allow-outside-paths")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # "Add missing labels" on a file case loads it into the scene first
+    segmentIds = logic.addMissingSegments(0)
+    case = logic.cases[0]
+    assert case.isScene and len(segmentIds) == 2
+    assert logic.caseTable()[0]["organs"] == {"liver": "labelled", "spleen": "empty", "kidney": "empty"}
+    liverId = case.segmentationNode.GetSegmentation().GetSegmentIdBySegmentName("liver")
+    merged = labelArrayOnVolume(case.volumeNode, case.segmentationNode, {liverId: 1})
+    original = slicer.util.arrayFromVolume(readLabelFile(scene, written[0][1]))
+    assert np.array_equal(merged > 0, original > 0)
+
+
+# ---------------------------------------------------------------------------------------- models
+def _fakeModel(folder, version=1, weights=True):
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    (folder / "model.json").write_text(json.dumps({
+        "schema": "ltuda-model", "version": version, "ltuda_version": "9.9", "weights": "model.pt",
+        "classes": organs.defaultOrgans(["liver"]), "default_head": "linear",
+        "training": {"method": "ltuda", "preset": "fast", "completed": True},
+        "validation": {"mean_dice": 0.8}}), encoding="utf-8")
+    if weights:
+        (folder / "model.pt").write_bytes(b"")
+    return folder
+
+
+def test_model_folders_are_checked_and_remembered(tmp_path):
+    settings = JsonSettings(tmp_path / "settings.json")
+    registry = ModelRegistry(settings)
+    good = _fakeModel(tmp_path / "good")
+    info = registry.add(good)
+    assert info.organNames == ["liver"] and "Dice 0.80" in info.title()
+    assert [m.path for m in ModelRegistry(JsonSettings(tmp_path / "settings.json")).models()] == [str(good)]
+    with pytest.raises(LTUDAError, match="made by another version of LTUDA"):
+        registry.add(_fakeModel(tmp_path / "future", version=2))
+    with pytest.raises(LTUDAError, match="not an LTUDA model folder"):
+        readModel(tmp_path)
+    with pytest.raises(LTUDAError, match="no weights file"):
+        readModel(_fakeModel(tmp_path / "noweights", weights=False))
+    (good / "model.json").unlink()
+    assert registry.models() == [] and registry.paths() == [str(good)]  # kept, but not offered
+
+
+# -------------------------------------------------------------------------------- result import
+@pytest.mark.parametrize("flip", [False, True], ids=["RAS", "LPS"])
+def test_imported_prediction_is_a_new_named_coloured_segmentation(scene, tmp_path, flip):
+    volume, truth = synthetic.addSyntheticCase(scene, "patient", ORGANS, ORGANS, flip=flip, seed=40)
+    path = tmp_path / "prediction.seg.nrrd"
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.WriteData(truth)
+    existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "patient segmentation")
+    first = importPrediction(scene, path, volume)
+    second = importPrediction(scene, path, volume)
+    assert (first.GetName(), second.GetName()) == ("patient segmentation 2", "patient segmentation 3")
+    assert existing.GetSegmentation().GetNumberOfSegments() == 0
+    seg = first.GetSegmentation()
+    assert [seg.GetNthSegment(i).GetName() for i in range(3)] == ORGANS
+    assert organs.colorFromFloat(seg.GetNthSegment(0).GetColor()) == [221, 130, 101]
+    assert "SCT^64033007^Kidney" in segmentTerminology(seg.GetNthSegment(2))
+    assert first.GetNodeReference(first.GetReferenceImageGeometryReferenceRole()) is volume
+    for i in range(3):
+        ours = labelArrayOnVolume(volume, first, {seg.GetNthSegmentID(i): 1})
+        theirs = labelArrayOnVolume(volume, truth, {truth.GetSegmentation().GetNthSegmentID(i): 1})
+        assert np.array_equal(ours, theirs) and ours.any()
+
+
+def test_training_plot_nodes(scene, logic):
+    progress = ProgressState()
+    for e in ({"event": "start", "command": "train", "stages": [1, 2], "epochs": {"1": 2, "2": 2}},
+              {"event": "epoch", "stage": 1, "epoch": 1, "epochs": 2, "loss": 1.5},
+              {"event": "epoch", "stage": 2, "epoch": 1, "epochs": 2, "loss": 0.5},
+              {"event": "validation", "stage": 2, "epoch": 1, "mean_dice": 0.7}):
+        progress.feed(json.dumps(e))
+    chart = logic.updateTrainingPlot(progress)
+    assert logic.updateTrainingPlot(progress) is chart
+    lossTable = scene.GetFirstNodeByName("LTUDA training loss").GetTable()
+    assert lossTable.GetNumberOfRows() == 2 and lossTable.GetValue(1, 0).ToDouble() == 3.0
+    assert scene.GetFirstNodeByName("LTUDA validation Dice").GetTable().GetValue(0, 1).ToDouble() == pytest.approx(0.7)
+    assert chart.GetNumberOfPlotSeriesNodes() == 2
+
+
+# --------------------------------------------------------------------------------------- backend
+def test_backend_probe_and_environment(logic, tmp_path):
+    result = logic.probeBackend()
+    assert result.packages["torch"] and result.packages["ltuda"]
+    assert result.ready() and result.missingMessage() == ""
+    assert result.deviceText().startswith(("GPU:", "CPU only"))
+    env = logic.backend().environment()
+    assert env["PYTHONPATH"].split(os.pathsep)[0].endswith("LTUDATrainer")
+    assert env["PYTHONIOENCODING"] == "utf-8"
+    with pytest.raises(LTUDAError, match="is not a file"):
+        logic.setBackendPython(str(tmp_path / "nope" / "python"))
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'ImportError: broken env' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    with pytest.raises(LTUDAError, match="could not run the package check .*broken env"):
+        Backend(str(broken)).probe()
+
+
+def test_missing_packages_are_explained():
+    from LTUDASegmentationLib.backend import ProbeResult
+
+    probe = ProbeResult({"python": "3.12", "packages": {"torch": None, "monai": "1.2.0", "SimpleITK": "2.4",
+                                                        "numpy": "2.0", "pynrrd": "1.1", "ltuda": "0.1"},
+                         "errors": {"torch": "ModuleNotFoundError: No module named 'torch'"}}, Backend())
+    assert probe.missing() == ["torch", "monai"]
+    assert "lacks torch, monai" in probe.missingMessage() and "Install missing packages" in probe.missingMessage()
+    lines = dict(probe.lines())
+    assert lines["torch: not installed"] is False and lines["monai 1.2.0: too old, 1.3 or newer is needed"] is False
+
+
+# ------------------------------------------------------------------------ training and prediction
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One real tiny training through the logic (seconds), shared by the tests below."""
+    folder = tmp_path_factory.mktemp("trained")
+    ensureSegmentationConverters()
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    logic = makeLogic(scene, folder)
+    cases = [synthetic.addSyntheticCase(scene, "liverOnly", ORGANS, ["liver"], seed=50),
+             synthetic.addSyntheticCase(scene, "spleenOnly", ORGANS, ["spleen"], flip=True, seed=51),
+             synthetic.addSyntheticCase(scene, "kidneyOnly", ORGANS, ["kidney"], seed=52),
+             synthetic.addSyntheticCase(scene, "all", ORGANS, ORGANS, flip=True, seed=53)]
+    logic.addCasesFromNodes(cases)
+    before = [snapshot(v, s) for v, s in cases]
+    updates = []
+    job = logic.train(preset="fast", epochsStage1=1, epochsStage2=1, device="cpu", extraArgs=TINY,
+                      onUpdate=lambda j: updates.append(j.status))
+    assert job.status == jobs.RUNNING and not job.finished  # the console API returns at once
+    status = job.wait(timeout=600)
+    return {"logic": logic, "scene": scene, "job": job, "status": status, "cases": cases, "before": before,
+            "updates": updates}
+
+
+@needsBackend
+def test_real_training_subprocess(trained):
+    job, logic = trained["job"], trained["logic"]
+    assert trained["status"] == jobs.COMPLETED, job.message + "\n" + job.details
+    assert job.progress.command == "train" and job.progress.lossHistory
+    assert job.progress.stages == [1, 2] and job.fraction() == 1.0
+    assert jobs.RUNNING in trained["updates"]
+    assert [m.path for m in logic.models()] == [job.modelDir]
+    assert readModel(job.modelDir).organNames == ORGANS
+    assert not os.path.exists(job.workDir)  # exported files are removed after a successful training
+    assert [snapshot(v, s) for v, s in trained["cases"]] == trained["before"]
+    with pytest.raises(LTUDAError, match="already holds a model"):
+        logic.train(job.modelDir, extraArgs=TINY)
+
+
+@needsBackend
+@pytest.mark.parametrize("caseIndex", [0, 1], ids=["RAS", "LPS"])
+def test_real_prediction_matches_backend_output_voxel_for_voxel(trained, caseIndex):
+    logic, scene = trained["logic"], trained["scene"]
+    assert trained["status"] == jobs.COMPLETED
+    volume, segmentation = trained["cases"][caseIndex]
+    before = snapshot(volume, segmentation)
+    job = logic.predict(volume, device="cpu", keepLabelMap=True)
+    assert job.status == jobs.COMPLETED, job.message
+    node = job.segmentationNode
+    assert node.GetName() == f"{volume.GetName()} segmentation" and node is not segmentation
+    seg = node.GetSegmentation()
+    model = readModel(logic.models()[0].path)
+    assert [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())] == model.organNames
+    for i, cls in enumerate(model.classes):
+        assert organs.colorFromFloat(seg.GetNthSegment(i).GetColor()) == cls["color"]
+        assert cls["terminology"]["type"][1] in segmentTerminology(seg.GetNthSegment(i))
+    expected = slicer.util.arrayFromVolume(readLabelFile(scene, job.labelMapPath))
+    values = {seg.GetNthSegmentID(i): model.classes[i]["value"] for i in range(seg.GetNumberOfSegments())}
+    imported = labelArrayOnVolume(volume, node, values)
+    assert imported.shape == expected.shape
+    assert np.array_equal(imported, expected)
+    assert snapshot(volume, segmentation) == before
+    if caseIndex == 0:  # again: a second, new node; the first one is not overwritten
+        again = logic.predict(volume, device="cpu").segmentationNode
+        assert again.GetName() == f"{volume.GetName()} segmentation 2"
+        assert np.array_equal(labelArrayOnVolume(volume, node, values), expected)
+
+
+@needsBackend
+def test_backend_failure_reaches_the_console_with_the_log_path(trained, tmp_path):
+    logic = trained["logic"]
+    with pytest.raises(LTUDAError) as caught:
+        logic.train(str(tmp_path / "model"), device="cpu", extraArgs=["--image-size", "30"], waitForCompletion=True)
+    message = str(caught.value)
+    assert "Training failed" in message and "multiple of 16" in message and "ltuda-train.log" in message
+    assert logic.trainingJob.status == jobs.FAILED and logic.trainingJob.message == message
+    with pytest.raises(LTUDAError, match="another version of LTUDA"):
+        logic.predict(trained["cases"][0][0], model=str(_fakeModel(tmp_path / "v2", version=2)))
+
+
+@needsBackend
+def test_cancel_training_keeps_a_usable_state(trained, tmp_path):
+    logic = trained["logic"]
+    job = logic.train(str(tmp_path / "long"), device="cpu", epochsStage1=50, epochsStage2=50,
+                      extraArgs=["--iterations-per-epoch", "4", "--image-size", "32", "--batch-size", "2"])
+    deadline = time.monotonic() + 300
+    while job.progress.epoch is None and not job.finished and time.monotonic() < deadline:
+        job.process()
+        time.sleep(0.1)
+    assert job.progress.epoch is not None, job.message
+    job.cancel()
+    assert job.wait(timeout=120) == jobs.CANCELLED
+    assert job.message.startswith("Training cancelled")
+    assert job.returncode == 130  # the trainer stopped on SIGTERM by itself, no kill was needed
+    assert not job.runner.killed
+    if os.path.isfile(os.path.join(job.modelDir, "model.json")):
+        assert "usable" in job.message and job.modelDir in [m.path for m in logic.models()]
+    else:
+        assert "no model was saved" in job.message
+

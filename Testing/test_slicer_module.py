@@ -1,0 +1,353 @@
+"""LTUDASegmentation.py itself (module, parameter node, widget, logic, self-test) outside Slicer.
+
+Only the Slicer application is replaced: `qt`, the ScriptedLoadableModule base classes and
+parameterNodeWrapper get small stand-ins, widgets are mocks named after the .ui; MRML, the Lib and
+the backend subprocess are real. This runs the panel's handlers (add case, add missing labels,
+train, segment, errors) and the self-test behind Slicer's Reload & Test button.
+"""
+
+import functools
+import importlib
+import os
+import sys
+import time
+import types
+import unittest
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+MODULE_DIR = Path(__file__).resolve().parents[1] / "LTUDASegmentation"
+sys.path.insert(0, str(MODULE_DIR))
+
+from LTUDASegmentationLib import jobs, synthetic  # noqa: E402
+from LTUDASegmentationLib.logic import LTUDALogicCore  # noqa: E402
+from LTUDASegmentationLib.segments import ensureSegmentationConverters  # noqa: E402
+
+TINY = ["--iterations-per-epoch", "2", "--image-size", "32", "--batch-size", "2"]
+
+
+def _backendImportable():
+    try:
+        importlib.import_module("ltuda.train")
+        importlib.import_module("ltuda.predict")
+        return True
+    except Exception:
+        return False
+
+
+needsBackend = pytest.mark.skipif(not _backendImportable(), reason="the ltuda backend (ltuda.train/ltuda.predict) "
+                                                                    "cannot be imported yet")
+
+
+class _FakeQSettings:
+    store = {}
+
+    def value(self, key, default=None):
+        return self.store.get(key, default)
+
+    def setValue(self, key, value):
+        self.store[key] = value
+
+    def remove(self, key):
+        self.store.pop(key, None)
+
+
+def _fakeParameterNodeWrapper(cls):
+    annotations = dict(cls.__annotations__)
+    defaults = {k: getattr(cls, k) for k in annotations if hasattr(cls, k)}
+
+    class Wrapper:
+        def __init__(self, node):
+            object.__setattr__(self, "_node", node)
+
+        def __getattr__(self, name):
+            if name not in annotations:
+                raise AttributeError(name)
+            empty = [] if str(annotations[name]).startswith("list") else None
+            return self._node.setdefault(name, defaults.get(name, empty))
+
+        def __setattr__(self, name, value):
+            assert name in annotations, name
+            self._node[name] = value
+
+        def connectGui(self, ui):
+            return "tag"
+
+        def AddObserver(self, event, callback, priority=0.0):
+            return 1
+
+        def RemoveObserver(self, tag):
+            pass
+
+        def disconnectGui(self, tag):
+            pass
+
+    return Wrapper
+
+
+def _uiMocks():
+    root = ET.parse(MODULE_DIR / "Resources" / "UI" / "LTUDASegmentation.ui").getroot()
+    ui = types.SimpleNamespace()
+    for widget in root.iter("widget"):
+        m = mock.MagicMock(name=widget.get("name"))
+        m.currentRow.return_value = -1
+        m.findData.return_value = 0
+        m.currentData, m.currentText, m.currentPath, m.checked, m.text = None, "", "", False, ""
+        setattr(ui, widget.get("name"), m)
+    return ui
+
+
+def pumpProbe(widget, timeout=300):
+    """Do what the probe's QTimer does in Slicer until the backend check is over."""
+    deadline = time.monotonic() + timeout
+    while widget._probeRunner is not None and time.monotonic() < deadline:
+        widget._onProbeTick()
+        time.sleep(0.05)
+    assert widget._probeRunner is None
+
+
+@pytest.fixture
+def scene():
+    ensureSegmentationConverters()
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    yield scene
+    scene.Clear(1)
+
+
+@pytest.fixture
+def moduleFile(scene, tmp_path, monkeypatch):
+    """LTUDASegmentation imported with stand-ins for what only the Slicer application has."""
+    qt = mock.MagicMock(name="qt")
+    qt.QSettings = _FakeQSettings
+    _FakeQSettings.store = {"LTUDASegmentation/BackendPython": sys.executable,
+                            "LTUDASegmentation/WorkFolder": str(tmp_path / "work"),
+                            "LTUDASegmentation/ModelsFolder": str(tmp_path / "models")}
+    parameterNodes = {}
+
+    class Logic:
+        def __init__(self, parent=None):
+            pass
+
+        def getParameterNode(self):
+            return parameterNodes.setdefault(id(slicer.mrmlScene), {})
+
+    class Widget:
+        def __init__(self, parent=None):
+            self.parent = mock.MagicMock(name="parent")
+
+        def setup(self):
+            self.layout = mock.MagicMock(name="layout")
+
+        def resourcePath(self, relative):
+            return str(MODULE_DIR / "Resources" / relative)
+
+    class Test(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
+            print(message)
+
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+    slm.ScriptedLoadableModule = type("ScriptedLoadableModule", (), {
+        "__init__": lambda self, parent: setattr(self, "parent", parent)})
+    slm.ScriptedLoadableModuleWidget, slm.ScriptedLoadableModuleLogic, slm.ScriptedLoadableModuleTest = Widget, Logic, Test
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+    pnw.parameterNodeWrapper = _fakeParameterNodeWrapper
+    pnw.Choice = pnw.WithinRange = lambda *args: args
+    for name, module in (("qt", qt), ("slicer.ScriptedLoadableModule", slm), ("slicer.parameterNodeWrapper", pnw)):
+        monkeypatch.setitem(sys.modules, name, module)
+    app = mock.MagicMock(name="app", majorVersion=5, minorVersion=10)
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(slicer, "modules", mock.MagicMock(name="modules"), raising=False)
+    messages = {"error": [], "confirm": []}
+
+    def errorDisplay(text, **kwargs):
+        messages["error"].append(text)
+
+    def confirm(text, **kwargs):
+        messages["confirm"].append(text)
+        return True
+
+    for name, value in (("startupEnvironment", lambda: dict(os.environ)),
+                        ("tempDirectory", lambda *a, **k: str(tmp_path / "selftest")),
+                        ("loadUI", lambda path: mock.MagicMock(name="uiWidget")),
+                        ("childWidgetVariables", lambda widget: _uiMocks()),
+                        ("errorDisplay", errorDisplay), ("confirmOkCancelDisplay", confirm),
+                        ("confirmYesNoDisplay", confirm), ("selectModule", mock.MagicMock()),
+                        ("setSliceViewerLayers", mock.MagicMock()), ("showStatusMessage", mock.MagicMock())):
+        monkeypatch.setattr(slicer.util, name, value)
+    sys.modules.pop("LTUDASegmentation", None)
+    module = importlib.import_module("LTUDASegmentation")
+    module.testMessages = messages
+    yield module
+    sys.modules.pop("LTUDASegmentation", None)
+
+
+def test_module_description(moduleFile):
+    parent = types.SimpleNamespace()
+    moduleFile.LTUDASegmentation(parent)
+    assert parent.title == "LTUDA Segmentation" and parent.categories == ["Segmentation"]
+    assert "Partially labelled" in parent.helpText and "5.10" in parent.helpText
+    assert "Jiang" in parent.acknowledgementText and parent.contributors
+
+
+def test_module_logic_keeps_organs_and_cases_in_the_scene(scene, moduleFile, tmp_path):
+    logic = moduleFile.LTUDASegmentationLogic()
+    assert isinstance(logic, LTUDALogicCore) and logic.backendPython() == sys.executable
+    logic.setOrgans(["liver", "spleen"])
+    volume, segmentation = synthetic.addSyntheticCase(scene, "ct", ["liver", "spleen"], ["liver"], seed=60)
+    logic.addCase(volume, segmentation)
+    (tmp_path / "img.nrrd").write_bytes(b"x")
+    (tmp_path / "lab.nrrd").write_bytes(b"x")
+    logic.addFileCase(tmp_path / "img.nrrd", tmp_path / "lab.nrrd", "1=spleen")
+    # a new logic (e.g. after reloading the module) finds both in the scene's parameter node
+    again = moduleFile.LTUDASegmentationLogic()
+    again.restoreFromParameterNode()
+    assert [o["name"] for o in again.organs] == ["liver", "spleen"]
+    assert [c.name for c in again.cases] == ["ct", "img"]
+    assert again.cases[0].segmentationNode is segmentation and again.cases[1].valueMap == {1: "spleen"}
+    assert again.getParameterNode().preset == "fast" and again.getParameterNode().postprocess is True
+
+
+@needsBackend
+def test_panel_handlers_from_cases_to_a_segmentation(scene, moduleFile, tmp_path):
+    widget = moduleFile.LTUDASegmentationWidget()
+    widget.setup()
+    ui, logic, messages = widget.ui, widget.logic, moduleFile.testMessages
+    ui.slicerPythonRadioButton.checked = False
+    logic.setOrgans(["liver", "spleen"])
+    widget.refreshOrgans()
+    assert ui.organsTableWidget.setRowCount.call_args.args == (2,)
+
+    # bad input: a volume without a segmentation -> message in the panel and a message box
+    volumes = []
+    for i, (labelled, flip) in enumerate([(["liver"], False), (["spleen"], True), (["liver", "spleen"], False)]):
+        volumes.append(synthetic.addSyntheticCase(scene, f"case{i}", ["liver", "spleen"], labelled, flip=flip, seed=i))
+    params = widget._parameterNode
+    params.caseVolume, params.caseSegmentation = volumes[0][0], None
+    widget.onAddCase()
+    assert "has no segmentation" in messages["error"][-1] and ui.casesStatusLabel.text == messages["error"][-1]
+    for volume, segmentation in volumes:
+        params.caseVolume, params.caseSegmentation = volume, segmentation
+        widget.onAddCase()
+    assert len(logic.cases) == 3
+    assert "liver: 2, spleen: 2" in ui.casesSummaryLabel.text
+    assert ui.casesTableWidget.setRowCount.call_args.args == (3,)
+
+    # add missing labels on the first case -> empty spleen segment, Segment Editor opened on it
+    ui.casesTableWidget.currentRow.return_value = 0
+    widget.onAddMissingLabels()
+    editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+    editor.setSegmentationNode.assert_called_with(volumes[0][1])
+    assert logic.caseTable()[0]["organs"]["spleen"] == "empty"
+    slicer.util.selectModule.assert_called_with("SegmentEditor")
+
+    # train (tiny settings), driven like the QTimer would
+    logic.train = functools.partial(logic.train, extraArgs=TINY)
+    params.epochsStage1 = params.epochsStage2 = 1
+    params.device = "cpu"
+    ui.modelFolderPathLineEdit.currentPath = str(tmp_path / "model")
+    widget.onStartTraining()  # checks the backend first, without blocking: pump its timer
+    assert ui.trainingStatusLabel.text == "Checking the backend Python first..."
+    pumpProbe(widget)
+    job = logic.trainingJob
+    assert job is not None and job.status == jobs.RUNNING, messages["error"]
+    assert job.wait(timeout=600) == jobs.COMPLETED, job.message
+    assert "Training completed" in ui.trainingStatusLabel.text
+    slicer.modules.plots.logic().ShowChartInLayout.assert_called()
+    assert scene.GetFirstNodeByName("LTUDA training loss").GetTable().GetNumberOfRows() == 2
+    added = [c.args for c in ui.modelComboBox.addItem.call_args_list]
+    assert added and added[-1][1] == str(tmp_path / "model")
+
+    # segment the LPS volume with it
+    ui.modelComboBox.currentData = str(tmp_path / "model")
+    params.inputVolume, params.segmentDevice = volumes[1][0], "cpu"
+    widget.onApply()
+    assert logic.predictionJob.wait(timeout=600) == jobs.COMPLETED, logic.predictionJob.message
+    node = logic.predictionJob.segmentationNode
+    assert ui.resultLabel.text == "Result: case1 segmentation" and node.GetName() == "case1 segmentation"
+    ui.outputShow3DButton.setSegmentationNode.assert_called_with(node)
+    assert messages["error"] == [messages["error"][0]]  # only the deliberate error above
+
+    # the probe shown in Setup, without blocking the GUI (timer ticks simulated)
+    widget.onCheckBackend()
+    pumpProbe(widget)
+    assert "torch" in ui.backendStatusLabel.text and "ltuda" in ui.backendStatusLabel.text
+    widget.cleanup()
+
+
+def test_panel_small_handlers_and_their_messages(scene, moduleFile, tmp_path):
+    widget = moduleFile.LTUDASegmentationWidget()
+    widget.setup()
+    ui, logic, messages = widget.ui, widget.logic, moduleFile.testMessages
+    widget.enter()
+    # organs: add from the combo, rename in place, remove the selected one, back to the preset
+    ui.addOrganComboBox.currentText = "stomach"
+    widget.onAddOrgan()
+    assert [o["name"] for o in logic.organs][-1] == "stomach"
+    ui.addOrganComboBox.currentText = "stomach"
+    widget.onAddOrgan()
+    assert messages["error"][-1] == "The organ 'stomach' is already in the list." == ui.organsStatusLabel.text
+    item = mock.MagicMock()
+    item.column.return_value, item.row.return_value, item.text.return_value = 0, 4, "Gastric body"
+    widget.onOrganItemChanged(item)
+    assert logic.organs[4]["name"] == "Gastric body" and logic.organs[4]["terminology"] is None
+    ui.organsTableWidget.currentRow.return_value = 4
+    widget.onRemoveOrgan()
+    assert len(logic.organs) == 4
+    logic.setOrgans(["liver"])
+    widget.onResetOrgans()
+    assert [o["name"] for o in logic.organs] == ["liver", "spleen", "kidney", "pancreas"]
+    # folder import without a folder, with a bad map, then a good one
+    widget.onImportFolder()
+    assert messages["error"][-1] == "Choose the folder to import."
+    ui.importFolderPathLineEdit.currentPath = str(tmp_path)
+    ui.importValueMapLineEdit.text = "1=lung"
+    widget.onImportFolder()
+    assert "'lung' (label 1) is not one of the organs" in messages["error"][-1]
+    # cases: removing with no selection does nothing; the Start button explains what is missing
+    widget.onRemoveCase()
+    widget.updateButtonStates()
+    assert ui.startTrainingButton.enabled is False and "No training cases" in ui.startTrainingButton.toolTip
+    assert ui.applyButton.enabled is False and "Train a model or add a model folder." in ui.applyButton.toolTip
+    # install into Slicer's Python without the PyTorch extension: a message saying what to do
+    from LTUDASegmentationLib.backend import ProbeResult
+
+    logic.setBackendPython(None)
+    logic.lastProbe = ProbeResult({"packages": {"torch": None, "monai": "1.4", "SimpleITK": "2.4", "numpy": "2.0",
+                                                "pynrrd": "1.1", "ltuda": "0.1"}}, logic.backend())
+    widget.onInstall()
+    assert "PyTorch extension" in messages["error"][-1] and "Extensions Manager" in messages["error"][-1]
+    # a model folder from another version is refused with its reason
+    folder = tmp_path / "old-model"
+    folder.mkdir()
+    (folder / "model.json").write_text('{"schema": "ltuda-model", "version": 0, "classes": []}')
+    with mock.patch.object(sys.modules["qt"].QFileDialog, "getExistingDirectory", return_value=str(folder)):
+        widget.onAddModel()
+    assert "another version of LTUDA" in messages["error"][-1] == ui.segmentStatusLabel.text
+    # cancel buttons with nothing running, scene close, leaving the module
+    widget.onCancelTraining()
+    widget.onCancelSegment()
+    widget.onShowPlot()
+    widget.onSceneStartClose(None, None)
+    widget.onSceneEndClose(None, None)
+    widget.exit()
+    widget.cleanup()
+
+
+@needsBackend
+def test_module_self_test_runs(scene, moduleFile):
+    """The Test class behind Slicer's Reload & Test button, end to end with a tiny training."""
+    result = unittest.TextTestRunner(verbosity=0).run(moduleFile.LTUDASegmentationTest("runTest"))
+    assert result.wasSuccessful(), [str(e[1]) for e in result.errors + result.failures]
+
+
+def test_tiny_synthetic_volumes_are_partially_labelled(scene):
+    volume, segmentation = synthetic.addSyntheticCase(scene, "x", ["liver", "spleen", "kidney"], ["kidney"], seed=1)
+    image = slicer.util.arrayFromVolume(volume)
+    assert image.shape == (12, 40, 40) and image.dtype == np.int16
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
