@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ltuda.data.phantoms import generate_phantoms
-from ltuda.evaluate import evaluate_case
+from ltuda.evaluate import evaluate_case, summarise
 from ltuda.manifest import load_manifest, write_manifest
 from ltuda.model.network import HEADS
 from ltuda.predict import Predictor
@@ -69,12 +69,11 @@ def score(model_dir: Path, manifest, heads, work: Path) -> dict:
             image = read_image(case.image)
             pred = work / f"{case.id}_{head}.seg.nrrd"
             write_seg_nrrd(pred, predictor.segment(image), image, manifest.classes)
-            cases.append(evaluate_case(pred, case.label, manifest.classes, truth_value_map=case.value_map)["organs"])
-        names = [c["name"] for c in manifest.classes]
-        dice = {n: float(np.nanmean([c[n]["dice"] for c in cases])) for n in names}
-        hd95 = {n: float(np.nanmean([c[n]["hd95_mm"] for c in cases])) if any(np.isfinite(c[n]["hd95_mm"]) for c in cases)
-                else float("nan") for n in names}
-        out[head] = {"mean_dice": float(np.mean(list(dice.values()))), "per_organ_dice": dice,
+            cases.append(evaluate_case(pred, case.label, manifest.classes, truth_value_map=case.value_map))
+        mean = summarise(cases, manifest.classes)["mean"]
+        dice = {n: m["dice"] for n, m in mean.items()}
+        hd95 = {n: m["hd95_mm"] for n, m in mean.items()}
+        out[head] = {"mean_dice": float(np.nanmean(list(dice.values()))), "per_organ_dice": dice,
                      "per_organ_hd95_mm": hd95, "mean_hd95_mm": float(np.nanmean(list(hd95.values())))}
     return out
 

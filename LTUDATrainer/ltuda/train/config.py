@@ -24,6 +24,7 @@ class TrainConfig:
     epochs_stage2: int = 120
     iterations_per_epoch: int = 0  # 0: one pass over the training slices per epoch
     batch_size: int = 4
+    optimizer: str = "sgd"  # "sgd" (the paper: Nesterov, momentum 0.99) or "adamw"
     lr: float = 1e-3
     momentum: float = 0.99
     nesterov: bool = True

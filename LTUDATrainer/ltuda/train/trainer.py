@@ -115,6 +115,8 @@ class Trainer:
 
     def _optimizer(self, net):
         cfg = self.config
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
 
