@@ -15,7 +15,7 @@ os.environ.setdefault("LTUDA_CACHE_DIR", str(Path(os.environ.get("PYTEST_TMPDIR"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 TINY_TRAIN_ARGS = ["--preset", "fast", "--epochs-stage1", "1", "--epochs-stage2", "1", "--iterations-per-epoch", "2",
-                   "--image-size", "32", "--batch-size", "2"]
+                   "--image-size", "32", "--batch-size", "2", "--val-fraction", "0.5"]
 
 
 def run_ltuda(*args, check=True, timeout=600, **kwargs) -> subprocess.CompletedProcess:

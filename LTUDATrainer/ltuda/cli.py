@@ -50,6 +50,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ("--lr", float, "initial learning rate (SGD, Nesterov, poly decay)"),
         ("--momentum", float, "SGD momentum"),
         ("--ema-decay", float, "EMA decay of the teacher"),
+        ("--pseudo-rampup-epochs", int, "epochs over which stage 1's pseudo-label loss ramps up (0: none)"),
         ("--prototypes", int, "prototypes per class (M)"),
         ("--prototype-momentum", float, "momentum of prototype updates"),
         ("--strong-views", int, "CutMix strong views per sample (K)"),
@@ -57,6 +58,8 @@ def _build_parser() -> argparse.ArgumentParser:
         ("--seed", int, "random seed"),
     ]:
         train.add_argument(flag, type=kind, default=None, help=text)
+    train.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
+                       help="sgd: the paper's (Nesterov, momentum 0.99); adamw converges faster on short CPU runs")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     train.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     train.add_argument("--resume", action="store_true", help="continue the stopped run in --out from its last checkpoint")
@@ -138,7 +141,7 @@ def cmd_train(args, report) -> int:
         preset = args.preset or ("paper" if pick_device(args.device).type == "cuda" else "fast")
         overrides = {k: getattr(args, k) for k in (
             "epochs_stage1", "epochs_stage2", "iterations_per_epoch", "batch_size", "image_size", "lr", "momentum",
-            "ema_decay", "prototypes", "prototype_momentum", "strong_views", "val_fraction", "seed")}
+            "ema_decay", "pseudo_rampup_epochs", "optimizer", "prototypes", "prototype_momentum", "strong_views", "val_fraction", "seed")}
         config = make_config(preset, method=args.method, device=args.device, **overrides)
         if config.image_size % 16:
             raise LtudaError(f"--image-size {config.image_size} is not a multiple of 16", fix="Use e.g. 64, 128 or 256.")

@@ -1,4 +1,4 @@
-"""Training slices from the union of partially labelled cases, sampled as shuffled batches."""
+"""Training slices from the union of partially labelled cases, drawn as cross-dataset batches."""
 
 import numpy as np
 import torch
@@ -9,12 +9,16 @@ from .preprocess import foreground_slice_range
 class SlicePool:
     """All training slices in memory (float16 images, uint8 labels) with each slice's labelled classes.
 
-    Batches are drawn uniformly over the union of cases, so one batch mixes partial datasets: the
-    precondition of cross-set CutMix.
+    Cases that label the same organs form one partial dataset. A batch takes its samples from the
+    datasets in turn (in a random order), so neighbours i and i+1 come from different partial
+    datasets whenever there are several: cross-set CutMix then always pastes a labelled organ of
+    one set next to unlabelled organs of another, and a small dataset (few or thick slices) is not
+    drowned out by a large one.
     """
 
     def __init__(self, prepared_cases, num_classes: int, device="cpu"):
-        images, labels, labeled = [], [], []
+        images, labels, labeled, groups = [], [], [], []
+        group_of = {}
         for case in prepared_cases:
             start, stop = foreground_slice_range(np.asarray(case.labels))
             images.append(torch.from_numpy(np.array(case.image[start:stop])))
@@ -23,16 +27,28 @@ class SlicePool:
             for value in case.labeled:
                 mask[value - 1] = True
             labeled.append(mask.expand(stop - start, num_classes))
+            group = group_of.setdefault(tuple(sorted(case.labeled)), len(group_of))
+            groups.append(torch.full((stop - start,), group))
         self.images = torch.cat(images).to(device)
         self.labels = torch.cat(labels).to(device)
         self.labeled = torch.cat(labeled).to(device)
+        group_index = torch.cat(groups)
+        self.members = [torch.nonzero(group_index == g).flatten() for g in range(len(group_of))]
         self.device = device
 
     def __len__(self):
         return self.images.shape[0]
 
+    @property
+    def num_datasets(self) -> int:
+        return len(self.members)
+
     def batch(self, size: int, generator: torch.Generator):
-        index = torch.randint(len(self), (size,), generator=generator).to(self.device)
+        order = torch.randperm(self.num_datasets, generator=generator)
+        chosen = [order[i % self.num_datasets] for i in range(size)]
+        index = torch.stack([
+            self.members[g][torch.randint(len(self.members[g]), (1,), generator=generator)][0] for g in chosen
+        ]).to(self.device)
         return (
             self.images[index].float().unsqueeze(1),
             self.labels[index].long(),

@@ -31,6 +31,9 @@ class TrainConfig:
     poly_power: float = 0.9
     weight_decay: float = 0.0
     ema_decay: float = 0.999
+    # Epochs over which stage 1's pseudo-label term ramps up (exp(-5(1-t)^2), mean-teacher practice);
+    # 0 = full weight from the start, as the method page states.
+    pseudo_rampup_epochs: int = 0
     seed: int = 43
     # method
     strong_views: int = 2

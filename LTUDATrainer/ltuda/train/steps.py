@@ -22,6 +22,7 @@ class StepContext:
         self.generator = generator
         self.autocast = autocast
         self.weak = WeakAugment(scale_range=config.scale_range, rotation_deg=config.rotation_deg)
+        self.pseudo_weight = 1.0  # set by the trainer during the stage-1 ramp-up
 
 
 def supervised_step(ctx: StepContext, student, batch) -> torch.Tensor:
@@ -80,7 +81,8 @@ def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.T
     strong_linear = linear[b:]
     for i, (_, view_partial, view_pseudo, _) in enumerate(views):
         logits = strong_linear[i * b:(i + 1) * b]
-        loss = loss + partial_bce(logits, onehot_target(view_pseudo, c))
+        weight = ctx.pseudo_weight if stage == 1 else 1.0
+        loss = loss + weight * partial_bce(logits, onehot_target(view_pseudo, c))
         if stage == 1:
             loss = loss + partial_bce(logits, view_partial)
     if stage == 2:

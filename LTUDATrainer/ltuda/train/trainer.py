@@ -65,6 +65,13 @@ def split_validation(manifest: Manifest, fraction: float, seed: int):
     return keep, val
 
 
+def pseudo_rampup(epoch: float, rampup_epochs: int) -> float:
+    """Weight of the pseudo-label term: exp(-5 (1 - t)^2) over the ramp-up, then 1."""
+    if rampup_epochs <= 0 or epoch >= rampup_epochs:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - epoch / rampup_epochs) ** 2)
+
+
 class StopRequested(Exception):
     pass
 
@@ -231,6 +238,7 @@ class Trainer:
                             self._save_last(stage_index, epoch, iteration)
                             raise StopRequested()
                         batch = self.pool.batch(cfg.batch_size, self.generator)
+                        ctx.pseudo_weight = pseudo_rampup(epoch + iteration / iters, cfg.pseudo_rampup_epochs)
                         if stage == 0:
                             loss = supervised_step(ctx, self.student, batch)
                         else:
