@@ -90,7 +90,7 @@ def run_one(manifest_path, method, seed, preset, overrides, work: Path, heads=("
     return result
 
 
-def summarise(runs: list) -> dict:
+def summarise_seeds(runs: list) -> dict:
     """Mean and spread over seeds of a list of per-seed results for one head."""
     organs = list(runs[0]["per_organ_dice"])
     means = [r["mean_dice"] for r in runs]
@@ -143,7 +143,7 @@ def main(argv=None):
                 per_head[h].append(r[h])
             print(f"{key:<20} seed {seed}: " + ", ".join(f"{h} {r[h]['mean_dice']:.3f}" for h in heads)
                   + f" ({r['train_seconds']} s)", flush=True)
-        summaries = {h: summarise(v) for h, v in per_head.items()}
+        summaries = {h: summarise_seeds(v) for h, v in per_head.items()}
         if method == "ltuda":
             results["heads"] = summaries
             # the method's own choice: the head that validated best is what `auto` would pick; report
@@ -166,7 +166,7 @@ def main(argv=None):
                 runs = [run_one(manifest_path, "ltuda", 43 + s, args.preset, {**overrides, **extra},
                                 work / f"ablation_{name}_{v}" / f"seed{s}", ("proto-unlabeled",))["proto-unlabeled"]
                         for s in range(args.seeds)]
-                results["ablations"][name][str(v)] = summarise(runs)
+                results["ablations"][name][str(v)] = summarise_seeds(runs)
                 print(f"ablation {name}={v}: {results['ablations'][name][str(v)]['mean_dice']:.3f}", flush=True)
     results["seconds"] = round(time.time() - started, 1)
     results.update({k: v for k, v in flat.items()})  # per method key at the top level, as documented

@@ -86,13 +86,15 @@ class Site:
     value_map: dict = field(default_factory=dict)  # value in the file -> class name or "background"
 
 
+# Every site scans both phases (by case), as hospital datasets mix protocols: an organ labelled in
+# one phase only would make its other-phase appearance unlearnable for every method alike.
 SITES = (
-    Site("liver", "liver", "contrast", 2.5, 380.0, 14.0, 20.0, -260.0,
+    Site("liver", "liver", "alternating", 2.5, 380.0, 14.0, 20.0, -260.0,
          {LIVER: 1, LIVER_TUMOUR: 2}, {1: "liver", 2: "liver"}),
-    Site("spleen", "spleen", "native", 5.0, 420.0, 9.0, -15.0, 110.0, {SPLEEN: 1}, {1: "spleen"}),
-    Site("kidney", "kidney", "contrast", 3.0, 350.0, 17.0, 30.0, -480.0,
+    Site("spleen", "spleen", "alternating", 5.0, 420.0, 9.0, -15.0, 110.0, {SPLEEN: 1}, {1: "spleen"}),
+    Site("kidney", "kidney", "alternating", 3.0, 350.0, 17.0, 30.0, -480.0,
          {KIDNEY: 1, KIDNEY_TUMOUR: 2}, {1: "kidney", 2: "background"}),
-    Site("pancreas", "pancreas", "native", 2.0, 360.0, 15.0, -25.0, 40.0, {PANCREAS: 1}, {1: "pancreas"}),
+    Site("pancreas", "pancreas", "alternating", 2.0, 360.0, 15.0, -25.0, 40.0, {PANCREAS: 1}, {1: "pancreas"}),
 )
 TEST_SITE = Site("test", "all", "alternating", 4.0, 400.0, 11.0, 10.0, -150.0, FULL_VALUES, FULL_VALUE_MAP)
 

@@ -276,9 +276,14 @@ class Trainer:
         return {"status": "completed", "mean_dice": self.best["mean_dice"]}
 
     def _begin_stage(self):
-        """A new stage starts from the previous stage's student; the teacher restarts from it too."""
+        """A new stage starts from the previous stage's student; the teacher restarts from it too.
+
+        The model is the best checkpoint of the final stage (as in the paper, per stage), so every
+        head it offers has been trained.
+        """
         self.teacher.load_state_dict(self.student.state_dict())
         self.optimizer = self._optimizer(self.student)
+        self.best = {"mean_dice": -1.0, "stage": None, "epoch": None, "model": None, "head": None}
 
     def _validate(self, stage, epoch):
         heads = ("linear",) if stage in (0, 1) else HEADS
