@@ -127,7 +127,6 @@ def _prepare_out_dir(out: Path, overwrite: bool, resume: bool):
 
 def cmd_train(args, report) -> int:
     from .manifest import load_manifest
-    from .model.store import read_model_json  # noqa: F401  (import check of the model package)
     from .train.config import TrainConfig, make_config
     from .train.trainer import CONFIG, Trainer, pick_device, safe_json
 
