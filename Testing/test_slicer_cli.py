@@ -12,7 +12,6 @@
   finished cases unless --redo; a flipped copy of a volume comes back as the same voxels flipped.
 """
 
-import importlib
 import importlib.util
 import io
 import logging
@@ -48,18 +47,6 @@ def _load_script():
 
 
 cli = _load_script()
-
-
-def _importable(name):
-    try:
-        importlib.import_module(name)
-        return True
-    except Exception:
-        return False
-
-
-needsBackend = pytest.mark.skipif(not _importable("ltuda.predict"),
-                                  reason="the ltuda backend (ltuda.predict) cannot be imported")
 
 
 def xml_module():
@@ -389,7 +376,6 @@ SINGLE_CASES = {
 }
 
 
-@needsBackend
 @needsSlicer
 @pytest.mark.parametrize("case", sorted(SINGLE_CASES))
 def test_single_volume_as_slicer_runs_it(tiny_model, scene, tmp_path, case):
@@ -427,7 +413,6 @@ def test_single_volume_as_slicer_runs_it(tiny_model, scene, tmp_path, case):
         assert again.returncode == 0, again.stderr
 
 
-@needsBackend
 @pytest.mark.parametrize("broken", ["input", "model"])
 def test_bad_volume_or_model_is_one_clear_line(tiny_model, tmp_path, broken):
     volume = tmp_path / "BCDEF_vtkMRMLScalarVolumeNodeB.nrrd"
@@ -468,7 +453,6 @@ def flipped_copy(array, matrix):
     return array[::-1, :, ::-1].copy(), matrix @ flip
 
 
-@needsBackend
 @needsSlicer
 def test_folder_batch_skips_redoes_and_survives_a_bad_file(tiny_model, tiny_dataset, scene, tmp_path):
     from ltuda.manifest import load_manifest

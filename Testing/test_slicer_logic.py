@@ -6,7 +6,6 @@ predictions, and a real tiny training + prediction subprocess whose result is co
 voxel with the backend's own label output, on RAS and LPS volumes.
 """
 
-import importlib
 import json
 import os
 import subprocess
@@ -38,19 +37,6 @@ from LTUDASegmentationLib.settings import JsonSettings  # noqa: E402
 
 ORGANS = ["liver", "spleen", "kidney"]
 TINY = ["--iterations-per-epoch", "2", "--image-size", "32", "--batch-size", "2"]
-
-
-def _backendImportable():
-    try:
-        importlib.import_module("ltuda.train")
-        importlib.import_module("ltuda.predict")
-        return True
-    except Exception:
-        return False
-
-
-needsBackend = pytest.mark.skipif(not _backendImportable(), reason="the ltuda backend (ltuda.train/ltuda.predict) "
-                                                                    "cannot be imported yet")
 
 
 @pytest.fixture
@@ -439,7 +425,6 @@ def trained(tmp_path_factory):
             "updates": updates}
 
 
-@needsBackend
 def test_real_training_subprocess(trained):
     job, logic = trained["job"], trained["logic"]
     assert trained["status"] == jobs.COMPLETED, job.message + "\n" + job.details
@@ -454,7 +439,6 @@ def test_real_training_subprocess(trained):
         logic.train(job.modelDir, extraArgs=TINY)
 
 
-@needsBackend
 @pytest.mark.parametrize("caseIndex", [0, 1], ids=["RAS", "LPS"])
 def test_real_prediction_matches_backend_output_voxel_for_voxel(trained, caseIndex):
     logic, scene = trained["logic"], trained["scene"]
@@ -483,7 +467,6 @@ def test_real_prediction_matches_backend_output_voxel_for_voxel(trained, caseInd
         assert np.array_equal(labelArrayOnVolume(volume, node, values), expected)
 
 
-@needsBackend
 def test_backend_failure_reaches_the_console_with_the_log_path(trained, tmp_path):
     logic = trained["logic"]
     with pytest.raises(LTUDAError) as caught:
@@ -495,7 +478,6 @@ def test_backend_failure_reaches_the_console_with_the_log_path(trained, tmp_path
         logic.predict(trained["cases"][0][0], model=str(_fakeModel(tmp_path / "v2", version=2)))
 
 
-@needsBackend
 def test_cancel_training_keeps_a_usable_state(trained, tmp_path):
     logic = trained["logic"]
     job = logic.train(str(tmp_path / "long"), device="cpu", epochsStage1=50, epochsStage2=50,

@@ -31,19 +31,6 @@ from LTUDASegmentationLib.segments import ensureSegmentationConverters  # noqa: 
 TINY = ["--iterations-per-epoch", "2", "--image-size", "32", "--batch-size", "2"]
 
 
-def _backendImportable():
-    try:
-        importlib.import_module("ltuda.train")
-        importlib.import_module("ltuda.predict")
-        return True
-    except Exception:
-        return False
-
-
-needsBackend = pytest.mark.skipif(not _backendImportable(), reason="the ltuda backend (ltuda.train/ltuda.predict) "
-                                                                    "cannot be imported yet")
-
-
 class _FakeQSettings:
     store = {}
 
@@ -213,7 +200,6 @@ def test_module_logic_keeps_organs_and_cases_in_the_scene(scene, moduleFile, tmp
     assert again.getParameterNode().preset == "fast" and again.getParameterNode().postprocess is True
 
 
-@needsBackend
 def test_panel_handlers_from_cases_to_a_segmentation(scene, moduleFile, tmp_path):
     widget = moduleFile.LTUDASegmentationWidget()
     widget.setup()
@@ -339,7 +325,6 @@ def test_panel_small_handlers_and_their_messages(scene, moduleFile, tmp_path):
     widget.cleanup()
 
 
-@needsBackend
 def test_module_self_test_runs(scene, moduleFile):
     """The Test class behind Slicer's Reload & Test button, end to end with a tiny training."""
     result = unittest.TextTestRunner(verbosity=0).run(moduleFile.LTUDASegmentationTest("runTest"))

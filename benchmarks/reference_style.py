@@ -101,7 +101,7 @@ def reference_step(config, num_classes, student, teacher, batch, stage):
     for _ in range(config.strong_views):
         boxes = [_random_box(*images.shape[-2:]) for _ in range(b)]
         mix = lambda t: torch.stack([_cutmix_one(list(t), i, boxes[i]) for i in range(b)])  # noqa: E731
-        s_img, s_partial, s_pseudo, s_gt = mix(images), mix(partial), mix(pseudo), mix(labels)
+        s_img, s_partial, s_pseudo = mix(images), mix(partial), mix(pseudo)
         logits = student(s_img, heads=("linear",))["linear"]  # backbone pass for the linear head
         loss = loss + partial_bce(logits, onehot_target(s_pseudo, num_classes))
         if stage == 1:

@@ -65,7 +65,7 @@ def _strong_views(ctx, images, partial, pseudo, labels):
 
 
 def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.Tensor:
-    cfg, c = ctx.config, ctx.num_classes
+    c = ctx.num_classes
     images, labels, labeled = batch
     images, labels = ctx.weak(images, labels, ctx.generator)
     partial = partial_target(labels, labeled, c)

@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import json
 import math
 import signal
 import time
@@ -14,7 +15,7 @@ from .. import __version__
 from ..data.cache import SliceCache
 from ..data.preprocess import Preprocessing
 from ..data.slices import SlicePool
-from ..errors import LtudaError
+from ..errors import LtudaError, ManifestProblems
 from ..manifest import Manifest
 from ..model.network import HEADS, LTUDANet, NetworkConfig
 from ..model.store import atomic_torch_save, atomic_write_json, safe_torch_load, save_model
@@ -104,7 +105,6 @@ class Trainer:
             except LtudaError as exc:
                 problems.append(str(exc))
         if problems:
-            from ..errors import ManifestProblems
             raise ManifestProblems(problems)
         self.train_cases, self.val_cases = train, val
         self.pool = SlicePool([prepared[c.id] for c in train], self.num_classes, self.device)
@@ -325,7 +325,6 @@ class Trainer:
 
 
 def safe_json(path) -> dict:
-    import json
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
