@@ -112,6 +112,16 @@ def test_train_refuses_an_existing_model_without_overwrite(tiny_dataset, tiny_mo
                  expect=["already holds a model", "--overwrite"])
 
 
+@pytest.mark.parametrize("flag, value, expect", [
+    ("--image-size", "40", "multiple of 16"),
+    ("--pseudo-uncertain-below", "0.7", "outside [0, 0.5]"),
+    ("--dice-weight", "-1", "negative"),
+], ids=["image-size", "uncertain", "dice"])
+def test_out_of_range_settings_are_refused(tiny_dataset, tmp_path, flag, value, expect):
+    _check_fails(tmp_path, "train", "--dataset", tiny_dataset, "--out", tmp_path / "model", *TINY_TRAIN_ARGS, flag, value,
+                 expect=[flag, expect])
+
+
 def test_corrupt_and_foreign_checkpoints_are_refused(tiny_model, tiny_dataset, tmp_path):
     image = next(Path(tiny_dataset).parent.joinpath("images").glob("test_*.nii.gz"))
     corrupt = tmp_path / "corrupt"

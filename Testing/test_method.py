@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ltuda.augment import WeakAugment, cutmix, cutmix_boxes
-from ltuda.losses import marginal_exclusion_loss, onehot_target, partial_bce, partial_target
+from ltuda.losses import (marginal_exclusion_loss, onehot_target, partial_bce, partial_dice, partial_seg_loss,
+                          partial_target, prototype_loss)
 from ltuda.model.network import LTUDANet, NetworkConfig, class_probabilities, linear_hard_label
 from ltuda.model.prototypes import momentum_update, sinkhorn_assign
 from ltuda.train.config import make_config
@@ -77,6 +78,21 @@ def test_partial_bce_averages_over_labelled_samples_then_channels():
     assert partial_bce(logits, torch.full_like(target, -1)).item() == 0.0
 
 
+def test_partial_dice_pools_labelled_pixels_over_the_batch():
+    target = torch.full((2, 2, 1, 4), -1.0)
+    target[0, 0, 0] = torch.tensor([1.0, 1.0, 0.0, 0.0])  # channel 0 labelled in sample 0 only
+    logits = torch.full((2, 2, 1, 4), -20.0)
+    logits[0, 0, 0, :2] = 20.0  # exactly right on sample 0
+    logits[1, 0] = 20.0  # sample 1 does not label channel 0: whatever it predicts is ignored
+    assert partial_dice(logits, target).item() == pytest.approx(0.0, abs=1e-6)
+    logits[0, 0, 0, 2:] = 20.0  # two false positives: Dice 2*2 / (4 + 2)
+    assert partial_dice(logits, target).item() == pytest.approx(1 - (4 + 1) / (6 + 1), abs=1e-6)
+    assert partial_dice(logits, torch.full_like(target, -1)).item() == 0.0
+    bce = partial_bce(logits, target)
+    assert partial_seg_loss(logits, target, 0.0) == bce
+    assert partial_seg_loss(logits, target, 2.0) == pytest.approx(float(bce + 2 * partial_dice(logits, target)))
+
+
 def test_linear_threshold_rule():
     logits = torch.tensor([[-2.0, 1.0, 0.5, -1.0], [-3.0, -2.0, -0.1, -5.0]])[:, :, None, None]
     assert linear_hard_label(logits).flatten().tolist() == [2, 0]
@@ -103,9 +119,49 @@ def test_pseudo_labels_keep_teacher_only_for_unlabelled_organs():
     labels = torch.tensor([[[1, 1, 0, 0, 0]]])
     teacher_hard = torch.tensor([[[0, 1, 1, 2, 0]]])
     labeled = torch.tensor([[True, False, False, False]])
-    pseudo = make_pseudo_labels(FixedTeacher(teacher_hard), torch.zeros(1, 1, 1, 5), labels, labeled, contextlib.nullcontext)
+    pseudo, target = make_pseudo_labels(FixedTeacher(teacher_hard), torch.zeros(1, 1, 1, 5), labels, labeled,
+                                        contextlib.nullcontext)
     # GT organ wins; teacher's labelled-organ guess outside GT becomes background; unlabelled organ kept
     assert pseudo.tolist() == [[[1, 1, 0, 2, 0]]]
+    assert torch.equal(target, onehot_target(pseudo, C))  # the paper's rule: nothing ignored
+
+
+class ProbabilityTeacher(torch.nn.Module):
+    def __init__(self, probs):
+        super().__init__()
+        self.logits = torch.logit(probs)
+
+    def forward(self, images, heads=("linear",)):
+        return {"linear": self.logits}
+
+
+def test_uncertain_teacher_pixels_are_ignored_only_for_unlabelled_organs():
+    # two organs; the case labels organ 1. Teacher probabilities per pixel for organs 1 and 2:
+    probs = torch.tensor([[[[0.3, 0.3, 0.05, 0.9]],    # organ 1 (labelled: never ignored)
+                           [[0.3, 0.05, 0.3, 0.1]]]])  # organ 2 (unlabelled)
+    labels = torch.tensor([[[1, 0, 0, 0]]])  # pixel 0 is organ 1: known not to be organ 2
+    labeled = torch.tensor([[True, False]])
+    teacher = ProbabilityTeacher(probs)
+    _, paper = make_pseudo_labels(teacher, torch.zeros(1, 1, 1, 4), labels, labeled, contextlib.nullcontext)
+    assert (paper >= 0).all()  # uncertain_below = 0.5: every pixel is a target
+    pseudo, target = make_pseudo_labels(teacher, torch.zeros(1, 1, 1, 4), labels, labeled, contextlib.nullcontext,
+                                        uncertain_below=0.2)
+    assert pseudo.tolist() == [[[1, 0, 0, 0]]]  # organ 1 at 0.9 outside its label -> background
+    assert target[0, 0, 0].tolist() == [1, 0, 0, 0]  # labelled organ: a complete mask
+    # unlabelled organ: 0.3 is unsure (ignored) except on the labelled organ; 0.05 and 0.1 are sure
+    assert target[0, 1, 0].tolist() == [0, 0, -1, 0]
+
+
+def test_prototype_loss_leaves_out_pixels_without_a_target():
+    torch.manual_seed(0)
+    logits, similarity = torch.randn(1, 3, 2, 4), torch.rand(1, 3, 2, 2, 4)
+    target, index = torch.randint(0, 3, (1, 2, 4)), torch.randint(0, 2, (1, 2, 4))
+    valid = torch.zeros(1, 2, 4, dtype=torch.bool)
+    valid[0, 0] = True  # first row only
+    masked = prototype_loss(logits, similarity, target, index, valid=valid)
+    first_row = prototype_loss(logits[:, :, :1], similarity[:, :, :, :1], target[:, :1], index[:, :1])
+    assert torch.isclose(masked, first_row)
+    assert prototype_loss(logits, similarity, target, index, valid=torch.zeros_like(valid)).item() == 0.0
 
 
 def test_sinkhorn_spreads_each_class_over_its_prototypes():
@@ -185,7 +241,7 @@ def test_ltuda_losses_are_finite_and_decrease(stage):
 @pytest.mark.parametrize("method", ["labeled-only", "naive", "marginal-exclusion"])
 def test_baselines_learn(method):
     torch.manual_seed(0)
-    config = make_config("fast", method=method)
+    config = make_config("fast", method=method, dice_weight=0.0)  # the losses as published
     net = LTUDANet(NetworkConfig(C, (8, 8, 16, 16, 32, 16), 16, 3))
     ctx = StepContext(config, C, torch.Generator().manual_seed(0), contextlib.nullcontext)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)

@@ -51,6 +51,9 @@ def _build_parser() -> argparse.ArgumentParser:
         ("--momentum", float, "SGD momentum"),
         ("--ema-decay", float, "EMA decay of the teacher"),
         ("--pseudo-rampup-epochs", int, "epochs over which stage 1's pseudo-label loss ramps up (0: none)"),
+        ("--pseudo-uncertain-below", float,
+         "ignore unlabelled organs the teacher gives a probability in [this, 0.5) (0.5: the paper's hard rule)"),
+        ("--dice-weight", float, "weight of a partial soft-Dice term added to every pBCE term (0: the paper's loss)"),
         ("--prototypes", int, "prototypes per class (M)"),
         ("--prototype-momentum", float, "momentum of prototype updates"),
         ("--strong-views", int, "CutMix strong views per sample (K)"),
@@ -140,10 +143,16 @@ def cmd_train(args, report) -> int:
         preset = args.preset or ("paper" if pick_device(args.device).type == "cuda" else "fast")
         overrides = {k: getattr(args, k) for k in (
             "epochs_stage1", "epochs_stage2", "iterations_per_epoch", "batch_size", "image_size", "lr", "momentum",
-            "ema_decay", "pseudo_rampup_epochs", "optimizer", "prototypes", "prototype_momentum", "strong_views", "val_fraction", "seed")}
+            "ema_decay", "pseudo_rampup_epochs", "pseudo_uncertain_below", "dice_weight", "optimizer", "prototypes",
+            "prototype_momentum", "strong_views", "val_fraction", "seed")}
         config = make_config(preset, method=args.method, device=args.device, **overrides)
         if config.image_size % 16:
             raise LtudaError(f"--image-size {config.image_size} is not a multiple of 16", fix="Use e.g. 64, 128 or 256.")
+        if not 0.0 <= config.pseudo_uncertain_below <= 0.5:
+            raise LtudaError(f"--pseudo-uncertain-below {config.pseudo_uncertain_below} is outside [0, 0.5]",
+                             fix="Use 0.5 for the paper's rule, or e.g. 0.2 to ignore unsure teacher pixels.")
+        if config.dice_weight < 0:
+            raise LtudaError(f"--dice-weight {config.dice_weight} is negative", fix="Use 0 (the paper) or e.g. 1.")
     run_report = TeeReporter(report, file_reporter(out / "progress.jsonl", out / "train.log"))
     result = Trainer(manifest, out, config, run_report, cache_dir=args.cache_dir, resume=args.resume).run()
     run_report.emit("done", status=result["status"], model_dir=str(out), mean_dice=result["mean_dice"])

@@ -38,7 +38,7 @@ def validate(net, prepared_cases, classes, head: str, device, autocast):
     scores = {c["value"]: [] for c in classes}
     for case in prepared_cases:
         pred = predict_prepared(net, case.image, head, device, autocast)
-        truth = torch.from_numpy(np.asarray(case.labels)).long()
+        truth = torch.as_tensor(np.array(case.labels, dtype=np.int64))  # a copy: the cache is read-only
         for value, dice in organ_dice(pred, truth, case.labeled).items():
             if not np.isnan(dice):
                 scores[value].append(dice)

@@ -7,7 +7,7 @@ same backbone features: the reference code recomputes the backbone per head and 
 import torch
 
 from ..augment import WeakAugment, cutmix, cutmix_boxes
-from ..losses import marginal_exclusion_loss, onehot_target, partial_bce, partial_target, prototype_loss
+from ..losses import IGNORE, marginal_exclusion_loss, onehot_target, partial_seg_loss, partial_target, prototype_loss
 from ..model.network import linear_hard_label
 from ..model.prototypes import momentum_update, sinkhorn_assign
 from .config import TrainConfig
@@ -24,6 +24,10 @@ class StepContext:
         self.weak = WeakAugment(scale_range=config.scale_range, rotation_deg=config.rotation_deg)
         self.pseudo_weight = 1.0  # set by the trainer during the stage-1 ramp-up
 
+    def seg_loss(self, logits, target):
+        """pBCE (+ partial Dice when configured), for label and pseudo-label targets alike."""
+        return partial_seg_loss(logits, target, self.config.dice_weight)
+
 
 def supervised_step(ctx: StepContext, student, batch) -> torch.Tensor:
     """Baselines on the weak view: labelled-only pBCE, naive union, or marginal + exclusion."""
@@ -38,29 +42,42 @@ def supervised_step(ctx: StepContext, student, batch) -> torch.Tensor:
         # A fixed background logit of 0 makes softmax argmax equal to the sigmoid threshold rule.
         with_background = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
         return marginal_exclusion_loss(with_background, labels, labeled)
-    return partial_bce(logits, partial_target(labels, labeled, ctx.num_classes))
+    return ctx.seg_loss(logits, partial_target(labels, labeled, ctx.num_classes))
 
 
 @torch.no_grad()
-def make_pseudo_labels(teacher, images, labels, labeled, autocast):
+def make_pseudo_labels(teacher, images, labels, labeled, autocast, uncertain_below: float = 0.5):
     """Teacher's hard labels on the weak view, with ground truth where the case has it.
 
     Teacher organ c is kept only where c is NOT labelled in that case; labelled organs come from the
     ground truth (a labelled organ's other pixels are true negatives, so become background).
+    Returns (hard labels [B, H, W], per-organ targets [B, C, H, W]). In the targets, an unlabelled
+    organ whose teacher probability lies in [uncertain_below, 0.5) is ignored (-1) rather than taken
+    as background, except on the case's labelled organs; uncertain_below = 0.5 (the default) is the
+    paper's rule, nothing ignored; 0 keeps only the teacher's positives for unlabelled organs.
     """
     with autocast():
-        hard = linear_hard_label(teacher(images, heads=("linear",))["linear"])
+        logits = teacher(images, heads=("linear",))["linear"]
+    hard = linear_hard_label(logits)
     predicted_labeled = labeled.gather(1, (hard - 1).clamp(min=0).flatten(1)).view_as(hard) & (hard > 0)
-    return torch.where(labels > 0, labels, torch.where(predicted_labeled, torch.zeros_like(hard), hard))
+    hard = torch.where(labels > 0, labels, torch.where(predicted_labeled, torch.zeros_like(hard), hard))
+    target = onehot_target(hard, labeled.shape[1])
+    if uncertain_below < 0.5:
+        probs = torch.sigmoid(logits.float())
+        # a labelled organ's pixels are known not to be any other organ: never unsure there
+        uncertain = (probs >= uncertain_below) & (target == 0) & ~labeled[:, :, None, None] & (labels == 0)[:, None]
+        target = torch.where(uncertain, torch.full_like(target, IGNORE), target)
+    return hard, target
 
 
-def _strong_views(ctx, images, partial, pseudo, labels):
-    """K CutMix views of the weak batch: images, partial targets, pseudo-labels, ground-truth organs."""
+def _strong_views(ctx, images, partial, pseudo, pseudo_target, labels):
+    """K CutMix views of the weak batch: images, partial targets, pseudo-labels, their per-organ
+    targets and ground-truth organs, all cut and pasted with the same boxes."""
     b, _, h, w = images.shape
     views = []
     for _ in range(ctx.config.strong_views):
         boxes = cutmix_boxes(b, h, w, ctx.generator, images.device, area_range=ctx.config.cutmix_area)
-        views.append(tuple(cutmix(t, boxes) for t in (images, partial, pseudo, labels)))
+        views.append(tuple(cutmix(t, boxes) for t in (images, partial, pseudo, pseudo_target, labels)))
     return views
 
 
@@ -69,34 +86,38 @@ def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.T
     images, labels, labeled = batch
     images, labels = ctx.weak(images, labels, ctx.generator)
     partial = partial_target(labels, labeled, c)
-    pseudo = make_pseudo_labels(teacher, images, labels, labeled, ctx.autocast)
-    views = _strong_views(ctx, images, partial, pseudo, labels)
+    pseudo, pseudo_target = make_pseudo_labels(teacher, images, labels, labeled, ctx.autocast,
+                                               ctx.config.pseudo_uncertain_below)
+    views = _strong_views(ctx, images, partial, pseudo, pseudo_target, labels)
     b, k = images.shape[0], len(views)
     heads = ("linear",) if stage == 1 else ("linear", "proto-labeled", "proto-unlabeled")
     with ctx.autocast():
         out = student(torch.cat([images] + [v[0] for v in views]), heads=heads, prototype_from=b)
     linear = out["linear"]
-    loss = partial_bce(linear[:b], partial)
+    loss = ctx.seg_loss(linear[:b], partial)
     strong_pseudo = torch.cat([v[2] for v in views])
     strong_linear = linear[b:]
-    for i, (_, view_partial, view_pseudo, _) in enumerate(views):
+    for i, (_, view_partial, _, view_pseudo_target, _) in enumerate(views):
         logits = strong_linear[i * b:(i + 1) * b]
         weight = ctx.pseudo_weight if stage == 1 else 1.0
-        loss = loss + weight * partial_bce(logits, onehot_target(view_pseudo, c))
+        loss = loss + weight * ctx.seg_loss(logits, view_pseudo_target)
         if stage == 1:
-            loss = loss + partial_bce(logits, view_partial)
+            loss = loss + ctx.seg_loss(logits, view_partial)
     if stage == 2:
-        strong_labels = torch.cat([v[3] for v in views])
-        loss = loss + k * _prototype_terms(ctx, student, out, strong_pseudo, strong_labels)
+        strong_labels = torch.cat([v[4] for v in views])
+        # a pixel whose pseudo-label is unsure for some organ has no class to train the prototypes with
+        certain = (torch.cat([v[3] for v in views]) != IGNORE).all(dim=1)
+        loss = loss + k * _prototype_terms(ctx, student, out, strong_pseudo, strong_labels, certain)
     return loss
 
 
-def _prototype_terms(ctx, student, out, target, gt_labels) -> torch.Tensor:
+def _prototype_terms(ctx, student, out, target, gt_labels, certain) -> torch.Tensor:
     """Both prototype classifiers on the strong views (mean over views), and their bank updates.
 
     Labelled bank: updated from ground-truth-labelled organ pixels. Unlabelled bank: from pseudo-
     labelled organs and background, ground-truth pixels ignored. No set labels background, so the
-    labelled bank's background prototypes are a copy of the unlabelled bank's.
+    labelled bank's background prototypes are a copy of the unlabelled bank's. Pixels that are not
+    `certain` neither train the classifiers nor update the banks.
     """
     cfg, classes = ctx.config, ctx.num_classes + 1
     labeled_fg = gt_labels > 0
@@ -117,9 +138,10 @@ def _prototype_terms(ctx, student, out, target, gt_labels) -> torch.Tensor:
             own = own[torch.arange(own.shape[0], device=own.device), flat_target]
             assignment, index = sinkhorn_assign(own, flat_target, classes, cfg.sinkhorn_iterations, cfg.sinkhorn_epsilon)
             correct = logits.argmax(dim=1) == target
-        total = total + prototype_loss(logits, similarity, target, index.view_as(target), cfg.ppc_weight, cfg.ppd_weight)
+        total = total + prototype_loss(logits, similarity, target, index.view_as(target), cfg.ppc_weight,
+                                       cfg.ppd_weight, valid=certain)
         with torch.no_grad():
-            use = (correct & eligible[head]).reshape(-1)
+            use = (correct & eligible[head] & certain).reshape(-1)
             bank = getattr(student, bank_name)
             bank.copy_(momentum_update(bank, pixels, flat_target, assignment, use, cfg.prototype_momentum))
     student.prototypes_labeled[0].copy_(student.prototypes_unlabeled[0])
