@@ -17,4 +17,5 @@ def test_accuracy_benchmark_smoke(tmp_path):
         assert 0.0 <= results[key]["mean_dice"] <= 1.0
         assert set(results[key]) >= {"mean_dice", "dice_std", "per_organ_dice", "mean_hd95_mm"}
         assert f"| {key} |" in (tmp_path / "results" / "accuracy.md").read_text()
-    assert set(results["heads"]) == {"linear", "proto-labeled", "proto-unlabeled"}
+    assert set(results["heads"]) == {"auto", "linear", "proto-labeled", "proto-unlabeled"}
+    assert results["complete"] is True and "INCOMPLETE" not in (tmp_path / "results" / "accuracy.md").read_text()
