@@ -84,7 +84,9 @@ def run_one(manifest_path, method, seed, preset, overrides, work: Path, heads=("
     model_dir = work / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    Trainer(manifest, model_dir, config, SilentReporter(), cache_dir=work.parent / "cache").run()
+    outcome = Trainer(manifest, model_dir, config, SilentReporter(), cache_dir=work.parent / "cache").run()
+    if outcome["status"] != "completed":  # the trainer caught Ctrl-C/SIGTERM: stop the benchmark too
+        sys.exit(f"stopped during {method} seed {seed}; results so far are in accuracy.json")
     result = score(model_dir, manifest, heads, work)
     result["train_seconds"] = round(time.time() - started, 1)
     return result
