@@ -140,29 +140,32 @@ def main(argv=None):
     flat = results["methods"]
 
     def save(complete: bool):
-        """Written after every method and ablation point, so a stopped run keeps what it measured."""
+        """Written after every seed and ablation point, so a stopped run keeps what it measured."""
         results["complete"] = complete
         results["seconds"] = round(time.time() - started, 1)
         results.update(flat)  # per method key at the top level, as documented
         (out / "accuracy.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
         (out / "accuracy.md").write_text(render_markdown(results))
 
-    for key, (method, variant) in METHODS.items():
-        # LTUDA: every head, and "auto" (the head that validated best, what a user gets by default)
-        heads = ("auto",) + HEADS if method == "ltuda" else ("auto",)
-        per_head = {h: [] for h in heads}
-        for seed in range(args.seeds):
+    # Seeds outside, methods inside: whenever the run stops, every method has the same seeds so far.
+    per_method = {key: {h: [] for h in (("auto",) + HEADS if method == "ltuda" else ("auto",))}
+                  for key, (method, _) in METHODS.items()}
+    for seed in range(args.seeds):
+        for key, (method, variant) in METHODS.items():
+            # LTUDA: every head, and "auto" (the head that validated best, what a user gets by default)
+            heads = tuple(per_method[key])
             r = run_one(variants[variant], method, 43 + seed, args.preset, overrides, work / key / f"seed{seed}", heads)
             for h in heads:
-                per_head[h].append(r[h])
+                per_method[key][h].append(r[h])
             print(f"{key:<20} seed {seed}: " + ", ".join(f"{h} {r[h]['mean_dice']:.3f}" for h in heads)
                   + f" ({r['train_seconds']} s)", flush=True)
-        summaries = {h: summarise_seeds(v) for h, v in per_head.items()}
-        if method == "ltuda":
-            results["heads"] = summaries
-            ltuda_runs = per_head["auto"]
-        flat[key] = summaries["auto"]
+            summaries = {h: summarise_seeds(v) for h, v in per_method[key].items()}
+            if method == "ltuda":
+                results["heads"] = summaries
+            flat[key] = summaries["auto"]
+        results["seeds_done"] = seed + 1
         save(complete=False)
+    ltuda_runs = per_method["ltuda"]["auto"]
     if not args.no_ablations:
         default = make_config(args.preset)
         for name, values, used, build in (
@@ -192,7 +195,8 @@ def render_markdown(results) -> str:
     organs = list(next(iter(methods.values()))["per_organ_dice"])
     lines = ["# Accuracy benchmark (partially labelled phantoms)", "",
              f"Command: `{results['command']}`  ",
-             f"Preset: {results['preset']}, seeds: {results['seeds']} (ablations: {results.get('ablation_seeds')})  ",
+             f"Preset: {results['preset']}, seeds: {results.get('seeds_done', 0)} of {results['seeds']} done "
+             f"(ablations: {results.get('ablation_seeds')} each)  ",
              f"Machine: {results['machine']}  ",
              f"Duration: {results['seconds']} s" + ("" if results.get("complete") else " (INCOMPLETE: still running or stopped)"),
              "",
