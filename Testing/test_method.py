@@ -93,6 +93,18 @@ def test_partial_dice_pools_labelled_pixels_over_the_batch():
     assert partial_seg_loss(logits, target, 2.0) == pytest.approx(float(bce + 2 * partial_dice(logits, target)))
 
 
+def test_partial_dice_leaves_channels_without_foreground_to_bce():
+    # A batch that shows no pixel of an organ says nothing about its overlap; Dice there would only
+    # push the organ's probability to zero everywhere.
+    target = torch.zeros((2, 2, 1, 4))
+    target[0, 0, 0, :2] = 1.0  # channel 0 has foreground, channel 1 none
+    logits = torch.full((2, 2, 1, 4), -20.0)
+    logits[0, 0, 0, :2] = 20.0
+    logits[:, 1] = 3.0  # false positives on the empty channel
+    assert partial_dice(logits, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert partial_bce(logits, target).item() > 0.5
+
+
 def test_linear_threshold_rule():
     logits = torch.tensor([[-2.0, 1.0, 0.5, -1.0], [-3.0, -2.0, -0.1, -5.0]])[:, :, None, None]
     assert linear_hard_label(logits).flatten().tolist() == [2, 0]

@@ -53,7 +53,9 @@ def partial_dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -
     valid = (target >= 0).float()
     probs = torch.sigmoid(logits.float()) * valid
     truth = target.clamp(min=0) * valid
-    present = valid.sum(dim=(0, 2, 3)) > 0
+    # Only channels with some foreground: on an empty one, Dice's only minimum is "nothing anywhere",
+    # which would erase a small organ from every batch that happens not to show it (BCE covers those).
+    present = truth.sum(dim=(0, 2, 3)) > 0
     if not present.any():
         return logits.sum() * 0.0
     overlap = (probs * truth).sum(dim=(0, 2, 3))
