@@ -73,8 +73,8 @@ def score(model_dir: Path, manifest, heads, work: Path) -> dict:
         mean = summarise(cases, manifest.classes)["mean"]
         dice = {n: m["dice"] for n, m in mean.items()}
         hd95 = {n: m["hd95_mm"] for n, m in mean.items()}
-        out[head] = {"mean_dice": float(np.nanmean(list(dice.values()))), "per_organ_dice": dice,
-                     "per_organ_hd95_mm": hd95, "mean_hd95_mm": float(np.nanmean(list(hd95.values())))}
+        out[head] = {"mean_dice": _nanmean(list(dice.values())), "per_organ_dice": dice,
+                     "per_organ_hd95_mm": hd95, "mean_hd95_mm": _nanmean(list(hd95.values()))}
     return out
 
 
@@ -92,6 +92,16 @@ def run_one(manifest_path, method, seed, preset, overrides, work: Path, heads=("
     return result
 
 
+def _nanmean(values) -> float:
+    """Mean ignoring NaN (an organ predicted empty has no HD95); NaN, quietly, when all are."""
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _spread(r) -> str:
+    return f"{r['dice_std']:.3f}" if r.get("seeds", 2) > 1 else "n/a (1 seed)"
+
+
 def summarise_seeds(runs: list) -> dict:
     """Mean and spread over seeds of a list of per-seed results for one head."""
     organs = list(runs[0]["per_organ_dice"])
@@ -101,8 +111,8 @@ def summarise_seeds(runs: list) -> dict:
         "dice_std": float(np.std(means)),
         "per_organ_dice": {o: float(np.mean([r["per_organ_dice"][o] for r in runs])) for o in organs},
         "per_organ_dice_std": {o: float(np.std([r["per_organ_dice"][o] for r in runs])) for o in organs},
-        "mean_hd95_mm": float(np.nanmean([r["mean_hd95_mm"] for r in runs])),
-        "per_organ_hd95_mm": {o: float(np.nanmean([r["per_organ_hd95_mm"][o] for r in runs])) for o in organs},
+        "mean_hd95_mm": _nanmean([r["mean_hd95_mm"] for r in runs]),
+        "per_organ_hd95_mm": {o: _nanmean([r["per_organ_hd95_mm"][o] for r in runs]) for o in organs},
         "seeds": len(runs),
         "per_seed_mean_dice": means,
     }
@@ -205,18 +215,18 @@ def render_markdown(results) -> str:
              "| method | mean Dice | spread | " + " | ".join(organs) + " | mean HD95 (mm) |",
              "|---|---|---|" + "---|" * len(organs) + "---|"]
     for key, r in methods.items():
-        lines.append(f"| {key} | {r['mean_dice']:.3f} | {r['dice_std']:.3f} | "
+        lines.append(f"| {key} | {r['mean_dice']:.3f} | {_spread(r)} | "
                      + " | ".join(f"{r['per_organ_dice'][o]:.3f}" for o in organs) + f" | {r['mean_hd95_mm']:.1f} |")
     if results.get("heads"):
         lines += ["", "LTUDA by head (auto = the head that validated best, the default):", "",
                   "| head | mean Dice | spread |", "|---|---|---|"]
         for head, r in results["heads"].items():
-            lines.append(f"| {head} | {r['mean_dice']:.3f} | {r['dice_std']:.3f} |")
+            lines.append(f"| {head} | {r['mean_dice']:.3f} | {_spread(r)} |")
     for name, rows in results.get("ablations", {}).items():
         lines += ["", f"Ablation: {name} (LTUDA, best-validating head)", "", "| value | mean Dice | spread |",
                   "|---|---|---|"]
         for value, r in rows.items():
-            lines.append(f"| {value} | {r['mean_dice']:.3f} | {r['dice_std']:.3f} |")
+            lines.append(f"| {value} | {r['mean_dice']:.3f} | {_spread(r)} |")
     return "\n".join(lines) + "\n"
 
 
