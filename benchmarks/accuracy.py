@@ -60,22 +60,28 @@ def subset_manifest(manifest_path: Path, per_site: int) -> Path:
 
 
 def score(model_dir: Path, manifest, heads, work: Path) -> dict:
-    """Per head: mean Dice, per-organ Dice and HD95 on the fully labelled test cases."""
-    out = {}
-    for head in heads:
-        predictor = Predictor(model_dir, head=head, device="auto")
+    """Per head: mean Dice, per-organ Dice and HD95 on the fully labelled test cases.
+
+    "auto" resolves to one of the named heads (the one that validated best); each head is
+    predicted once and "auto" shares that head's scores.
+    """
+    predictors = {head: Predictor(model_dir, head=head, device="auto") for head in heads}
+    scored = {}
+    for predictor in predictors.values():
+        if predictor.head in scored:
+            continue
         cases = []
         for case in manifest.split("test"):
             image = read_image(case.image)
-            pred = work / f"{case.id}_{head}.seg.nrrd"
+            pred = work / f"{case.id}_{predictor.head}.seg.nrrd"
             write_seg_nrrd(pred, predictor.segment(image), image, manifest.classes)
             cases.append(evaluate_case(pred, case.label, manifest.classes, truth_value_map=case.value_map))
         mean = summarise(cases, manifest.classes)["mean"]
         dice = {n: m["dice"] for n, m in mean.items()}
         hd95 = {n: m["hd95_mm"] for n, m in mean.items()}
-        out[head] = {"mean_dice": _nanmean(list(dice.values())), "per_organ_dice": dice,
-                     "per_organ_hd95_mm": hd95, "mean_hd95_mm": _nanmean(list(hd95.values()))}
-    return out
+        scored[predictor.head] = {"mean_dice": _nanmean(list(dice.values())), "per_organ_dice": dice,
+                                  "per_organ_hd95_mm": hd95, "mean_hd95_mm": _nanmean(list(hd95.values()))}
+    return {head: scored[predictor.head] for head, predictor in predictors.items()}
 
 
 def run_one(manifest_path, method, seed, preset, overrides, work: Path, heads=("auto",)):
@@ -99,7 +105,7 @@ def _nanmean(values) -> float:
 
 
 def _spread(r) -> str:
-    return f"{r['dice_std']:.3f}" if r.get("seeds", 2) > 1 else "n/a (1 seed)"
+    return f"{r['dice_std']:.3f}" if r["seeds"] > 1 else "n/a (1 seed)"
 
 
 def summarise_seeds(runs: list) -> dict:
