@@ -250,6 +250,26 @@ def test_ltuda_losses_are_finite_and_decrease(stage):
         assert torch.allclose(net.prototypes_unlabeled.norm(dim=-1), torch.ones(C + 1, 3), atol=1e-5)
 
 
+@pytest.mark.parametrize("stage, expected", [
+    (1, [1.0, 0.0, 1.0, 0.0, 1.0]),  # weak labels; per strong view: pseudo-labels, then labels
+    (2, [1.0, 0.0, 0.0]),            # weak labels; one pseudo-label term per strong view
+])
+def test_dice_term_is_on_ground_truth_not_on_pseudo_labels(monkeypatch, stage, expected):
+    import ltuda.train.steps as steps
+    weights = []
+
+    def recording_loss(logits, target, dice_weight=0.0):
+        weights.append(dice_weight)
+        return partial_seg_loss(logits, target, dice_weight)
+
+    monkeypatch.setattr(steps, "partial_seg_loss", recording_loss)
+    config = make_config("fast", strong_views=2, dice_weight=1.0)
+    net = LTUDANet(NetworkConfig(C, (8, 8, 16, 16, 32, 16), 16, 3))
+    ctx = StepContext(config, C, torch.Generator().manual_seed(0), contextlib.nullcontext)
+    ltuda_step(ctx, net, copy.deepcopy(net), _toy_batch(), stage)
+    assert weights == expected
+
+
 @pytest.mark.parametrize("method", ["labeled-only", "naive", "marginal-exclusion"])
 def test_baselines_learn(method):
     torch.manual_seed(0)

@@ -53,7 +53,9 @@ def _build_parser() -> argparse.ArgumentParser:
         ("--pseudo-rampup-epochs", int, "epochs over which stage 1's pseudo-label loss ramps up (0: none)"),
         ("--pseudo-uncertain-below", float,
          "ignore unlabelled organs the teacher gives a probability in [this, 0.5) (0.5: the paper's hard rule)"),
-        ("--dice-weight", float, "weight of a partial soft-Dice term added to every pBCE term (0: the paper's loss)"),
+        ("--dice-weight", float,
+         "weight of a partial soft-Dice term added to each pBCE term on ground truth, not on pseudo-labels "
+         "(0: the paper's loss)"),
         ("--prototypes", int, "prototypes per class (M)"),
         ("--prototype-momentum", float, "momentum of prototype updates"),
         ("--strong-views", int, "CutMix strong views per sample (K)"),

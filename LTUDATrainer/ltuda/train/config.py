@@ -35,7 +35,7 @@ class TrainConfig:
     # 0 = full weight from the start, as the method page states.
     pseudo_rampup_epochs: int = 0
     seed: int = 43
-    # Weight of a partial soft-Dice term added to every pBCE term (0 = the paper's loss).
+    # Weight of a partial soft-Dice term added to every pBCE term on ground truth (0 = the paper's loss).
     dice_weight: float = 0.0
     # Unlabelled organs the teacher gives a probability in [this, 0.5) are ignored by the pseudo-label
     # term instead of taken as background (0.5 = the paper's hard rule).

@@ -24,9 +24,14 @@ class StepContext:
         self.weak = WeakAugment(scale_range=config.scale_range, rotation_deg=config.rotation_deg)
         self.pseudo_weight = 1.0  # set by the trainer during the stage-1 ramp-up
 
-    def seg_loss(self, logits, target):
-        """pBCE (+ partial Dice when configured), for label and pseudo-label targets alike."""
-        return partial_seg_loss(logits, target, self.config.dice_weight)
+    def seg_loss(self, logits, target, pseudo: bool = False):
+        """pBCE, plus the configured partial Dice on ground-truth targets only.
+
+        Dice is there so that labelled small organs are learnt in a short run. On a pseudo-label
+        target it would punish every pixel the teacher missed far harder than BCE does (its
+        gradient scales with 1/organ size), so the student would copy the teacher's misses.
+        """
+        return partial_seg_loss(logits, target, 0.0 if pseudo else self.config.dice_weight)
 
 
 def supervised_step(ctx: StepContext, student, batch) -> torch.Tensor:
@@ -100,7 +105,7 @@ def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.T
     for i, (_, view_partial, _, view_pseudo_target, _) in enumerate(views):
         logits = strong_linear[i * b:(i + 1) * b]
         weight = ctx.pseudo_weight if stage == 1 else 1.0
-        loss = loss + weight * ctx.seg_loss(logits, view_pseudo_target)
+        loss = loss + weight * ctx.seg_loss(logits, view_pseudo_target, pseudo=True)
         if stage == 1:
             loss = loss + ctx.seg_loss(logits, view_partial)
     if stage == 2:
