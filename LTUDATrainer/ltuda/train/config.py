@@ -85,11 +85,11 @@ PRESETS = {
     # The paper's network and schedule (toy set: 120 epochs per stage); for a GPU.
     "paper": {},
     # A small network on 64x64 slices that trains in minutes on a laptop CPU. A schedule of a few
-    # hundred iterations (the paper runs ~94k) needs AdamW and a faster-moving teacher; a Dice term on
-    # the labels so that small organs (pancreas) are learnt at all in that time; and, while the teacher cannot
-    # yet find small organs in other sites' images, a slow ramp-up of the pseudo-label term and
-    # ignoring (not calling background) the pixels it is unsure of. Without the last two, those
-    # organs' own labels lose against "background" pseudo-labels from every other site.
+    # hundred iterations (the paper runs ~94k) needs AdamW and a faster-moving teacher; a Dice term
+    # on the labels so that small organs (pancreas) are learnt at all in that time; and, while the
+    # teacher cannot yet find small organs in other sites' images, a slow ramp-up of the pseudo-label
+    # term and ignoring (not calling background) the pixels it is unsure of. Without the last two,
+    # those organs' own labels lose against "background" pseudo-labels from every other site.
     "fast": {
         "epochs_stage1": 16,
         "epochs_stage2": 6,
