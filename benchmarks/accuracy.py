@@ -1,6 +1,7 @@
 """Accuracy benchmark: LTUDA against what users would do instead, on partially labelled phantoms.
 
     python benchmarks/accuracy.py [--preset fast|paper] [--seeds 3] [--smoke] [--out benchmarks/results]
+    python benchmarks/accuracy.py --methods labeled-only,ltuda --equal-iterations --set epochs_stage1=32 ...
 
 Four training sites each label one organ; the test site (another scanner) is fully labelled. Every
 method trains with the same network, budget and seeds, then segments the test cases; 3D Dice and
@@ -8,9 +9,14 @@ HD95 (mm) per organ. Methods: fully supervised (same images, all organs labelled
 naive union, labelled-only pBCE, marginal + exclusion, CDA only, LTUDA (CDA + PDA, each head).
 Ablations: prototypes per class, strong views, labelled cases per organ. Writes accuracy.json,
 accuracy.md and accuracy.png.
+
+By default each method runs its preset schedule, so LTUDA (stage 1 + stage 2) trains for more
+iterations than the one-stage methods; --equal-iterations gives those methods both stages' epochs.
+--set KEY=VALUE changes any training setting for every method (e.g. a longer schedule).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -29,7 +35,7 @@ from ltuda.predict import Predictor
 from ltuda.io.segnrrd import write_seg_nrrd
 from ltuda.io.volumes import read_image
 from ltuda.progress import SilentReporter
-from ltuda.train.config import make_config
+from ltuda.train.config import METHOD_STAGES, TrainConfig, make_config
 from ltuda.train.trainer import Trainer
 
 METHODS = {
@@ -98,6 +104,26 @@ def run_one(manifest_path, method, seed, preset, overrides, work: Path, heads=("
     return result
 
 
+def parse_setting(text: str) -> tuple:
+    """KEY=VALUE -> (key, value), the value read as JSON (numbers, lists) or else kept as text."""
+    key, sep, value = text.partition("=")
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"method", "seed", "preset"}  # the benchmark's own
+    if not sep or key not in known:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def method_overrides(method: str, preset: str, overrides: dict, equal_iterations: bool) -> dict:
+    """The settings one method trains with; with equal_iterations a one-stage method gets both stages' epochs."""
+    if not equal_iterations or len(METHOD_STAGES[method]) > 1:
+        return overrides
+    config = make_config(preset, **overrides)
+    return {**overrides, "epochs_stage1": config.epochs_stage1 + config.epochs_stage2}
+
+
 def _nanmean(values) -> float:
     """Mean ignoring NaN (an organ predicted empty has no HD95); NaN, quietly, when all are."""
     finite = [v for v in values if not np.isnan(v)]
@@ -132,10 +158,20 @@ def main(argv=None):
     parser.add_argument("--cases-per-site", type=int, default=10)
     parser.add_argument("--test-cases", type=int, default=6)
     parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    parser.add_argument("--equal-iterations", action="store_true",
+                        help="one-stage methods train for stage 1 + stage 2 epochs, as many iterations as LTUDA")
+    parser.add_argument("--set", dest="settings", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="a training setting for every method, e.g. --set epochs_stage1=32 (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="smallest configuration: one seed, a few iterations")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--work", default=None, help="scratch folder (default: OUT/../work/accuracy)")
     args = parser.parse_args(argv)
+    methods = {key: METHODS[key] for key in args.methods.split(",") if key in METHODS}
+    unknown = [key for key in args.methods.split(",") if key not in METHODS]
+    if unknown or not methods:
+        parser.error(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(METHODS)}")
     started = time.time()
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / "work" / "accuracy"
@@ -144,12 +180,14 @@ def main(argv=None):
     if args.smoke:
         args.seeds, args.cases_per_site, args.test_cases, args.no_ablations = 1, 2, 1, True
         overrides = {"epochs_stage1": 1, "epochs_stage2": 1, "iterations_per_epoch": 2, "image_size": 32, "batch_size": 2}
+    overrides.update(dict(args.settings))
     ablation_seeds = args.ablation_seeds or args.seeds
     phantoms = generate_phantoms(work / "phantoms", cases_per_site=args.cases_per_site, test_cases=args.test_cases,
                                  shape=(48, 48) if args.smoke else (96, 96), seed=1000)
     variants = {"partial": phantoms, "full": phantoms.with_name("dataset_full.json")}
     command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {"command": command.strip(), "preset": args.preset, "seeds": args.seeds, "ablation_seeds": ablation_seeds,
+               "settings": dict(args.settings), "equal_iterations": args.equal_iterations,
                "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
                "methods": {}, "heads": {}, "ablations": {}}
@@ -165,12 +203,13 @@ def main(argv=None):
 
     # Seeds outside, methods inside: whenever the run stops, every method has the same seeds so far.
     per_method = {key: {h: [] for h in (("auto",) + HEADS if method == "ltuda" else ("auto",))}
-                  for key, (method, _) in METHODS.items()}
+                  for key, (method, _) in methods.items()}
     for seed in range(args.seeds):
-        for key, (method, variant) in METHODS.items():
+        for key, (method, variant) in methods.items():
             # LTUDA: every head, and "auto" (the head that validated best, what a user gets by default)
             heads = tuple(per_method[key])
-            r = run_one(variants[variant], method, 43 + seed, args.preset, overrides, work / key / f"seed{seed}", heads)
+            settings = method_overrides(method, args.preset, overrides, args.equal_iterations)
+            r = run_one(variants[variant], method, 43 + seed, args.preset, settings, work / key / f"seed{seed}", heads)
             for h in heads:
                 per_method[key][h].append(r[h])
             print(f"{key:<20} seed {seed}: " + ", ".join(f"{h} {r[h]['mean_dice']:.3f}" for h in heads)
@@ -181,9 +220,9 @@ def main(argv=None):
             flat[key] = summaries["auto"]
         results["seeds_done"] = seed + 1
         save(complete=False)
-    ltuda_runs = per_method["ltuda"]["auto"]
+    ltuda_runs = per_method["ltuda"]["auto"] if "ltuda" in methods else []
     if not args.no_ablations:
-        default = make_config(args.preset)
+        default = make_config(args.preset, **dict(args.settings))
         for name, values, used, build in (
             ("prototypes", (1, 3, 5, 10), default.prototypes, lambda v: (phantoms, {"prototypes": v})),
             ("strong_views", (1, 2, 3), default.strong_views, lambda v: (phantoms, {"strong_views": v})),
@@ -214,6 +253,9 @@ def render_markdown(results) -> str:
              f"Preset: {results['preset']}, seeds: {results.get('seeds_done', 0)} of {results['seeds']} done "
              f"(ablations: {results.get('ablation_seeds')} each)  ",
              f"Machine: {results['machine']}  ",
+             f"Settings changed for every method: {results.get('settings') or 'none'}; one-stage methods train for "
+             + ("stage 1 + stage 2 epochs (equal iterations)" if results.get("equal_iterations") else
+                "stage 1 epochs (each method's preset schedule)") + "  ",
              f"Duration: {results['seconds']} s" + ("" if results.get("complete") else " (INCOMPLETE: still running or stopped)"),
              "",
              "Test set: a fifth, fully labelled site. Dice is 3D, mean over test cases then seeds (spread = std "
