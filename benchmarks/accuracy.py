@@ -251,7 +251,8 @@ def render_markdown(results) -> str:
     lines = ["# Accuracy benchmark (partially labelled phantoms)", "",
              f"Command: `{results['command']}`  ",
              f"Preset: {results['preset']}, seeds: {results.get('seeds_done', 0)} of {results['seeds']} done "
-             f"(ablations: {results.get('ablation_seeds')} each)  ",
+             + (f"(ablations: {results.get('ablation_seeds')} seed(s) each)  " if results.get("ablations")
+                else "(no ablations)  "),
              f"Machine: {results['machine']}  ",
              f"Settings changed for every method: {results.get('settings') or 'none'}; one-stage methods train for "
              + ("stage 1 + stage 2 epochs (equal iterations)" if results.get("equal_iterations") else
