@@ -168,8 +168,9 @@ def main(argv=None):
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--work", default=None, help="scratch folder (default: OUT/../work/accuracy)")
     args = parser.parse_args(argv)
-    methods = {key: METHODS[key] for key in args.methods.split(",") if key in METHODS}
-    unknown = [key for key in args.methods.split(",") if key not in METHODS]
+    requested = args.methods.split(",")
+    methods = {key: METHODS[key] for key in requested if key in METHODS}
+    unknown = [key for key in requested if key not in METHODS]
     if unknown or not methods:
         parser.error(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(METHODS)}")
     started = time.time()
@@ -180,14 +181,15 @@ def main(argv=None):
     if args.smoke:
         args.seeds, args.cases_per_site, args.test_cases, args.no_ablations = 1, 2, 1, True
         overrides = {"epochs_stage1": 1, "epochs_stage2": 1, "iterations_per_epoch": 2, "image_size": 32, "batch_size": 2}
-    overrides.update(dict(args.settings))
+    settings = dict(args.settings)
+    overrides.update(settings)
     ablation_seeds = args.ablation_seeds or args.seeds
     phantoms = generate_phantoms(work / "phantoms", cases_per_site=args.cases_per_site, test_cases=args.test_cases,
                                  shape=(48, 48) if args.smoke else (96, 96), seed=1000)
     variants = {"partial": phantoms, "full": phantoms.with_name("dataset_full.json")}
     command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {"command": command.strip(), "preset": args.preset, "seeds": args.seeds, "ablation_seeds": ablation_seeds,
-               "settings": dict(args.settings), "equal_iterations": args.equal_iterations,
+               "settings": settings, "equal_iterations": args.equal_iterations,
                "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
                "methods": {}, "heads": {}, "ablations": {}}
@@ -208,8 +210,8 @@ def main(argv=None):
         for key, (method, variant) in methods.items():
             # LTUDA: every head, and "auto" (the head that validated best, what a user gets by default)
             heads = tuple(per_method[key])
-            settings = method_overrides(method, args.preset, overrides, args.equal_iterations)
-            r = run_one(variants[variant], method, 43 + seed, args.preset, settings, work / key / f"seed{seed}", heads)
+            trained_with = method_overrides(method, args.preset, overrides, args.equal_iterations)
+            r = run_one(variants[variant], method, 43 + seed, args.preset, trained_with, work / key / f"seed{seed}", heads)
             for h in heads:
                 per_method[key][h].append(r[h])
             print(f"{key:<20} seed {seed}: " + ", ".join(f"{h} {r[h]['mean_dice']:.3f}" for h in heads)
@@ -222,7 +224,7 @@ def main(argv=None):
         save(complete=False)
     ltuda_runs = per_method["ltuda"]["auto"] if "ltuda" in methods else []
     if not args.no_ablations:
-        default = make_config(args.preset, **dict(args.settings))
+        default = make_config(args.preset, **overrides)
         for name, values, used, build in (
             ("prototypes", (1, 3, 5, 10), default.prototypes, lambda v: (phantoms, {"prototypes": v})),
             ("strong_views", (1, 2, 3), default.strong_views, lambda v: (phantoms, {"strong_views": v})),
