@@ -95,6 +95,13 @@ def test_class_labelled_by_no_case_and_outside_paths(tmp_path):
         "class 'spleen' is labelled by no training case", "outside the dataset folder", "--allow-outside-paths"])
 
 
+def test_full_labels_outside_the_dataset_folder_are_refused(tmp_path):
+    liver = dict(_good_pair(tmp_path, "liver1"), label_full="../elsewhere.nii.gz")
+    spleen = _good_pair(tmp_path, "spleen1")
+    manifest = _dataset(tmp_path, [liver, spleen])
+    _check_fails(tmp_path, "dataset", "check", manifest, expect=["label_full", "outside the dataset folder"])
+
+
 @pytest.mark.parametrize("shape", [(32, 32), (2, 8, 32, 32)], ids=["2d", "4d"])
 def test_2d_and_4d_images_are_refused(tmp_path, shape):
     case = _good_pair(tmp_path, "liver1")
@@ -116,7 +123,8 @@ def test_train_refuses_an_existing_model_without_overwrite(tiny_dataset, tiny_mo
     ("--image-size", "40", "multiple of 16"),
     ("--pseudo-uncertain-below", "0.7", "outside [0, 0.5]"),
     ("--dice-weight", "-1", "negative"),
-], ids=["image-size", "uncertain", "dice"])
+    ("--pseudo-gate", "1.5", "outside [0, 1)"),
+], ids=["image-size", "uncertain", "dice", "gate"])
 def test_out_of_range_settings_are_refused(tiny_dataset, tmp_path, flag, value, expect):
     _check_fails(tmp_path, "train", "--dataset", tiny_dataset, "--out", tmp_path / "model", *TINY_TRAIN_ARGS, flag, value,
                  expect=[flag, expect])

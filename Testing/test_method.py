@@ -258,9 +258,9 @@ def test_dice_term_is_on_ground_truth_not_on_pseudo_labels(monkeypatch, stage, e
     import ltuda.train.steps as steps
     weights = []
 
-    def recording_loss(logits, target, dice_weight=0.0):
+    def recording_loss(logits, target, dice_weight=0.0, scaling="valid"):
         weights.append(dice_weight)
-        return partial_seg_loss(logits, target, dice_weight)
+        return partial_seg_loss(logits, target, dice_weight, scaling)
 
     monkeypatch.setattr(steps, "partial_seg_loss", recording_loss)
     config = make_config("fast", strong_views=2, dice_weight=1.0)

@@ -202,6 +202,24 @@ def test_sites_differ(partial):
         assert len(TISSUES[name]) == 5
 
 
+def test_toy_layout_is_one_acquisition_for_every_case(tmp_path):
+    manifest = load_manifest(generate_phantoms(tmp_path, cases_per_site=1, test_cases=1, shape=(48, 48), layout="toy"))
+    spacings = {round(read(c.image)[0].GetSpacing()[2], 3) for c in manifest.cases}
+    assert spacings == {TEST_SITE.thickness}  # the multi-site layout has a thickness per site (test_sites_differ)
+    assert [c.labeled for c in manifest.split("train")] == [["liver"], ["spleen"], ["kidney"], ["pancreas"]]
+    assert manifest.split("test")[0].labeled == ["liver", "spleen", "kidney", "pancreas"]
+    with pytest.raises(LtudaError, match="unknown phantom layout"):
+        generate_phantoms(tmp_path / "x", layout="paper")
+
+
+def test_training_cases_point_to_their_full_labels(partial, full):
+    by_id = {c.id: c for c in full.cases}
+    for case in partial.split("train"):
+        assert case.label_full == by_id[case.id].label and case.label_full.is_file()
+        assert "label_full" not in case.extra
+    assert all(c.label_full is None for c in partial.split("test"))
+
+
 def test_progress_is_reported(phantoms):
     lines = phantoms[1].lines
     assert any("liver_000" in line for line in lines) and "wrote 6 phantom cases" in lines[-1]

@@ -25,6 +25,18 @@ def test_dataset_check_accepts_the_phantoms(tiny_dataset):
     assert "OK" in result.stdout and "liver 2" in result.stdout
 
 
+def test_dry_run_reports_the_paper_network_and_writes_nothing(tiny_dataset, tmp_path):
+    out = tmp_path / "model"
+    result = run_ltuda("train", "--dataset", tiny_dataset, "--out", out, "--preset", "paper", "--dry-run")
+    report = json.loads(result.stdout)
+    assert 13.0e6 <= report["parameters"] <= 13.8e6  # the reference code's U-Net
+    assert report["network"]["backbone"] == "reference-unet" and report["settings"]["pbce_scaling"] == "reference"
+    assert report["settings"]["stage2_start"] == "best" and report["settings"]["teacher_prototypes"] == "ema"
+    assert not out.exists()
+    fast = json.loads(run_ltuda("train", "--dataset", tiny_dataset, "--out", out, "--preset", "fast", "--dry-run").stdout)
+    assert fast["network"]["backbone"] == "basic-unet" and fast["parameters"] < 1e6
+
+
 def test_model_folder_contract(tiny_model):
     meta = json.loads((tiny_model / "model.json").read_text())
     assert meta["schema"] == "ltuda-model" and meta["version"] == 1

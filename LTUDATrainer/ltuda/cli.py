@@ -56,6 +56,9 @@ def _build_parser() -> argparse.ArgumentParser:
         ("--dice-weight", float,
          "weight of a partial soft-Dice term added to each pBCE term on ground truth, not on pseudo-labels "
          "(0: the paper's loss)"),
+        ("--pseudo-gate", float,
+         "use an unlabelled organ's pseudo-labels only once the teacher's running Dice on the cases that label it "
+         "reaches this (0: always, the paper)"),
         ("--prototypes", int, "prototypes per class (M)"),
         ("--prototype-momentum", float, "momentum of prototype updates"),
         ("--strong-views", int, "CutMix strong views per sample (K)"),
@@ -65,6 +68,21 @@ def _build_parser() -> argparse.ArgumentParser:
         train.add_argument(flag, type=kind, default=None, help=text)
     train.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
                        help="sgd: the paper's (Nesterov, momentum 0.99); adamw converges faster on short CPU runs")
+    train.add_argument("--pseudo-dice", action=argparse.BooleanOptionalAction, default=None,
+                       help="also apply the Dice term to pseudo-label targets (of organs the gate lets through)")
+    train.add_argument("--pbce-scaling", choices=("valid", "reference"), default=None,
+                       help="valid: mean over labelled pixels and samples; reference: the reference code's "
+                            "sum / (H*W), summed over samples")
+    train.add_argument("--network", choices=("basic-unet", "reference-unet"), default=None,
+                       help="basic-unet: MONAI BasicUNet (fast preset); reference-unet: the reference code's U-Net, "
+                            "~13.4 M parameters (paper preset)")
+    train.add_argument("--stage2-start", choices=("last", "best"), default=None,
+                       help="stage 2 starts from the last or the best-validating stage-1 student (paper: best)")
+    train.add_argument("--teacher-prototypes", choices=("copy", "ema"), default=None,
+                       help="the teacher's prototype banks: copied from the student, or its EMA (paper: ema)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the dataset, print the resolved settings and the parameter count as one JSON "
+                            "object, write nothing")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     train.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     train.add_argument("--resume", action="store_true", help="continue the stopped run in --out from its last checkpoint")
@@ -95,6 +113,8 @@ def _build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--test-cases", type=int, default=4)
     phantoms.add_argument("--size", type=int, default=96, help="in-plane size in voxels")
     phantoms.add_argument("--seed", type=int, default=0)
+    phantoms.add_argument("--layout", choices=("multi-site", "toy"), default="multi-site",
+                          help="multi-site: a scanner per site; toy: the paper's toy set, one acquisition for all cases")
 
     demo = sub.add_parser("demo", help="phantoms -> train LTUDA and the labelled-only baseline -> predict -> Dice")
     demo.add_argument("--out", default="ltuda-demo")
@@ -132,33 +152,71 @@ def _prepare_out_dir(out: Path, overwrite: bool, resume: bool):
 
 def cmd_train(args, report) -> int:
     from .manifest import load_manifest
-    from .train.config import TrainConfig, make_config
-    from .train.trainer import CONFIG, Trainer, pick_device, safe_json
+    from .train.config import TrainConfig
+    from .train.trainer import CONFIG, Trainer, safe_json
 
     out = Path(args.out)
     manifest = load_manifest(args.dataset, allow_outside_paths=args.allow_outside_paths)
+    if args.dry_run:
+        return _dry_run(args, out)
     _prepare_out_dir(out, args.overwrite, args.resume)
     if args.resume:
         config = TrainConfig.from_json(safe_json(out / CONFIG).get("config", {}))
         config.device = args.device
     else:
-        preset = args.preset or ("paper" if pick_device(args.device).type == "cuda" else "fast")
-        overrides = {k: getattr(args, k) for k in (
-            "epochs_stage1", "epochs_stage2", "iterations_per_epoch", "batch_size", "image_size", "lr", "momentum",
-            "ema_decay", "pseudo_rampup_epochs", "pseudo_uncertain_below", "dice_weight", "optimizer", "prototypes",
-            "prototype_momentum", "strong_views", "val_fraction", "seed")}
-        config = make_config(preset, method=args.method, device=args.device, **overrides)
-        if config.image_size % 16:
-            raise LtudaError(f"--image-size {config.image_size} is not a multiple of 16", fix="Use e.g. 64, 128 or 256.")
-        if not 0.0 <= config.pseudo_uncertain_below <= 0.5:
-            raise LtudaError(f"--pseudo-uncertain-below {config.pseudo_uncertain_below} is outside [0, 0.5]",
-                             fix="Use 0.5 for the paper's rule, or e.g. 0.2 to ignore unsure teacher pixels.")
-        if config.dice_weight < 0:
-            raise LtudaError(f"--dice-weight {config.dice_weight} is negative", fix="Use 0 (the paper) or e.g. 1.")
+        config = _config_from_args(args)
     run_report = TeeReporter(report, file_reporter(out / "progress.jsonl", out / "train.log"))
     result = Trainer(manifest, out, config, run_report, cache_dir=args.cache_dir, resume=args.resume).run()
     run_report.emit("done", status=result["status"], model_dir=str(out), mean_dice=result["mean_dice"])
     return 0 if result["status"] == "completed" else EXIT_STOPPED
+
+
+TRAIN_SETTINGS = (
+    "epochs_stage1", "epochs_stage2", "iterations_per_epoch", "batch_size", "image_size", "lr", "momentum",
+    "ema_decay", "pseudo_rampup_epochs", "pseudo_uncertain_below", "pseudo_gate", "pseudo_dice", "pbce_scaling",
+    "dice_weight", "optimizer", "prototypes", "prototype_momentum", "strong_views", "val_fraction", "seed", "network",
+    "stage2_start", "teacher_prototypes")
+
+
+def _config_from_args(args):
+    """The training settings: the preset (paper on a GPU, fast on a CPU) with the flags given, range-checked."""
+    from .train.config import make_config
+    from .train.trainer import pick_device
+
+    preset = args.preset or ("paper" if pick_device(args.device).type == "cuda" else "fast")
+    config = make_config(preset, method=args.method, device=args.device,
+                         **{k: getattr(args, k) for k in TRAIN_SETTINGS})
+    if config.image_size % 16:
+        raise LtudaError(f"--image-size {config.image_size} is not a multiple of 16", fix="Use e.g. 64, 128 or 256.")
+    if not 0.0 <= config.pseudo_uncertain_below <= 0.5:
+        raise LtudaError(f"--pseudo-uncertain-below {config.pseudo_uncertain_below} is outside [0, 0.5]",
+                         fix="Use 0.5 for the paper's rule, or e.g. 0.2 to ignore unsure teacher pixels.")
+    if not 0.0 <= config.pseudo_gate < 1.0:
+        raise LtudaError(f"--pseudo-gate {config.pseudo_gate} is outside [0, 1)",
+                         fix="Use 0 to always use pseudo-labels, or a teacher Dice such as 0.5.")
+    if config.dice_weight < 0:
+        raise LtudaError(f"--dice-weight {config.dice_weight} is negative", fix="Use 0 (the paper) or e.g. 1.")
+    return config
+
+
+def _dry_run(args, out: Path) -> int:
+    """Check the dataset and print what a run would use, as one JSON object; write nothing."""
+    import json
+
+    from .checks import check_dataset
+    from .model.network import LTUDANet
+    from .train.trainer import network_config
+
+    manifest, problems = check_dataset(args.dataset, allow_outside_paths=args.allow_outside_paths)
+    if problems:
+        raise ManifestProblems(problems)
+    config = _config_from_args(args)
+    network = LTUDANet(network_config(config, len(manifest.classes)))
+    print(json.dumps({"dataset": str(manifest.path), "out": str(out), "classes": [c["name"] for c in manifest.classes],
+                      "cases": {s: len(manifest.split(s)) for s in ("train", "val", "test")},
+                      "settings": config.to_json(), "network": network.config.to_json(),
+                      "parameters": sum(p.numel() for p in network.parameters())}))
+    return 0
 
 
 def cmd_predict(args, report) -> int:
@@ -182,7 +240,8 @@ def cmd_evaluate(args, report) -> int:
 def cmd_phantoms(args, report) -> int:
     from .data.phantoms import generate_phantoms
     path = generate_phantoms(args.out, cases_per_site=args.cases_per_site, test_cases=args.test_cases,
-                             shape=(args.size, args.size), seed=args.seed, report=report)
+                             shape=(args.size, args.size), seed=args.seed, report=report,
+                             layout=args.layout)
     print(path)
     return 0
 

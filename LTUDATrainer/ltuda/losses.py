@@ -1,7 +1,8 @@
 """Losses for partially labelled segmentation.
 
 partial_bce: BCE per organ channel over non-ignored pixels (-1 = ignore), averaged over the samples
-that label the channel, then over the channels present in the batch (the paper's pBCE).
+that label the channel, then over the channels present in the batch; or, with scaling="reference", as
+the reference code computes pBCE: each sample's sum divided by all H*W pixels, summed over samples.
 partial_dice: soft Dice per organ channel over the same non-ignored pixels, pooled over the batch.
 prototype_loss: ProtoSeg's CE + 0.01 PPC + 0.001 PPD on a prototype classifier.
 marginal_exclusion_loss: Shi et al. 2021, the classic softmax baseline for partial labels.
@@ -30,14 +31,25 @@ def onehot_target(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (labels[:, None] == organs).float()
 
 
-def partial_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+SCALINGS = ("valid", "reference")
+
+
+def partial_bce(logits: torch.Tensor, target: torch.Tensor, scaling: str = "valid") -> torch.Tensor:
+    """scaling "valid": mean over a sample's non-ignored pixels, then over the samples that label the
+    channel. "reference": sum over non-ignored pixels / all H*W pixels, SUMMED over those samples, so a
+    term every sample has (pseudo-labels) weighs about B times one that a single sample labels, and a
+    small CutMix box is not up-weighted."""
     valid = target >= 0
     loss = F.binary_cross_entropy_with_logits(logits.float(), target.clamp(min=0), reduction="none")
     pixels = valid.sum(dim=(2, 3))  # [B, C]
-    per_sample = (loss * valid).sum(dim=(2, 3)) / pixels.clamp(min=1)
     sample_has = pixels > 0
     samples = sample_has.sum(dim=0)  # [B, C] -> [C]
-    per_channel = (per_sample * sample_has).sum(dim=0) / samples.clamp(min=1)
+    if scaling == "reference":
+        per_sample = (loss * valid).sum(dim=(2, 3)) / (target.shape[2] * target.shape[3])
+        per_channel = (per_sample * sample_has).sum(dim=0)
+    else:
+        per_sample = (loss * valid).sum(dim=(2, 3)) / pixels.clamp(min=1)
+        per_channel = (per_sample * sample_has).sum(dim=0) / samples.clamp(min=1)
     present = samples > 0
     if not present.any():
         return logits.sum() * 0.0
@@ -64,9 +76,10 @@ def partial_dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -
     return (1 - dice)[present].mean()
 
 
-def partial_seg_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 0.0) -> torch.Tensor:
+def partial_seg_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 0.0,
+                     scaling: str = "valid") -> torch.Tensor:
     """pBCE, plus `dice_weight` x partial Dice when asked for."""
-    loss = partial_bce(logits, target)
+    loss = partial_bce(logits, target, scaling)
     return loss + dice_weight * partial_dice(logits, target) if dice_weight else loss
 
 

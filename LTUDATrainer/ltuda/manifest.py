@@ -42,6 +42,9 @@ class Case:
     value_map: Dict[int, str] = field(default_factory=dict)
     split: str = "train"
     extra: dict = field(default_factory=dict)
+    # Optional: every organ of this case, in the manifest's class values, for diagnostics and the
+    # oracle benchmark row only (never trained on as labels).
+    label_full: Optional[Path] = None
 
     def is_seg_nrrd(self) -> bool:
         return self.label is not None and self.label.name.lower().endswith(".seg.nrrd")
@@ -151,8 +154,12 @@ def _parse_case(i, raw, root, class_names, allow_outside, problems) -> Optional[
         problems.append(
             f"case '{case_id}': 'labels' (label value -> class) is required for a plain label map such as {label.name}"
         )
-    extra = {k: v for k, v in raw.items() if k not in ("id", "image", "label", "labels", "labeled", "split")}
-    return Case(case_id, image, label, [n for n in labeled if n in class_names], value_map, split, extra)
+    label_full = None
+    if raw.get("label_full") is not None:
+        label_full = _resolve(root, raw.get("label_full"), allow_outside, "label_full", case_id, problems)
+    extra = {k: v for k, v in raw.items()
+             if k not in ("id", "image", "label", "labels", "labeled", "split", "label_full")}
+    return Case(case_id, image, label, [n for n in labeled if n in class_names], value_map, split, extra, label_full)
 
 
 def load_manifest(path, allow_outside_paths: bool = False) -> Manifest:
@@ -216,6 +223,8 @@ def case_to_json(case: Case, root: Path) -> dict:
         out["labels"] = {str(k): v for k, v in sorted(case.value_map.items())}
     out["labeled"] = list(case.labeled)
     out["split"] = case.split
+    if case.label_full is not None:
+        out["label_full"] = rel(case.label_full)
     out.update(case.extra)
     return out
 

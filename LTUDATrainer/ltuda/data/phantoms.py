@@ -14,7 +14,7 @@ into a tissue map (for HU) and a part map (for labels), so organs never overlap 
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +97,19 @@ SITES = (
     Site("pancreas", "pancreas", "alternating", 2.0, 360.0, 15.0, -25.0, 40.0, {PANCREAS: 1}, {1: "pancreas"}),
 )
 TEST_SITE = Site("test", "all", "alternating", 4.0, 400.0, 11.0, 10.0, -150.0, FULL_VALUES, FULL_VALUE_MAP)
+LAYOUTS = ("multi-site", "toy")
+
+
+def sites_for(layout: str):
+    """(training sites, test site). "multi-site": every site its own scanner, the test site another.
+    "toy": the paper's toy set, every case (training and test) from the test site's one acquisition;
+    training cases still label one organ each, with that organ's site conventions."""
+    if layout == "multi-site":
+        return SITES, TEST_SITE
+    if layout != "toy":
+        raise LtudaError(f"unknown phantom layout {layout!r}", fix=f"Choose one of: {', '.join(LAYOUTS)}.")
+    acquisition = {k: getattr(TEST_SITE, k) for k in ("phase", "thickness", "fov", "noise", "offset", "table_z")}
+    return tuple(replace(site, **acquisition) for site in SITES), TEST_SITE
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -751,21 +764,24 @@ def _check_arguments(cases_per_site, test_cases, shape):
 
 
 def generate_phantoms(out_dir, cases_per_site: int = 4, test_cases: int = 4, shape=(96, 96), seed: int = 0,
-                      full_labels: bool = True, report=None) -> Path:
+                      full_labels: bool = True, report=None, layout: str = "multi-site") -> Path:
     """Write the synthetic partially labelled data set; returns `out_dir/dataset.json`.
 
     Layout: images/<id>.nii.gz (int16 HU), labels/<id>.nii.gz (uint8, the site's own label values, as
-    recorded in the manifest's "labels"), and with `full_labels` labels_full/<id>.nii.gz (values 1..4)
-    plus dataset_full.json, where the same training cases label all four organs.
+    recorded in the manifest's "labels"), and with `full_labels` labels_full/<id>.nii.gz (values 1..4,
+    each training case's "label_full", for diagnostics) plus dataset_full.json, where the same training
+    cases label all four organs.
     Case i of a site depends only on (seed, site, i), so adding cases keeps the existing ones.
+    `layout`: "multi-site" (a scanner per site) or "toy" (one acquisition for all; see sites_for).
     """
     _check_arguments(cases_per_site, test_cases, shape)
+    sites, test_site = sites_for(layout)
     out = Path(out_dir)
     classes = default_classes()
     names = [c["name"] for c in classes]
     started = time.time()
-    plan = [(k, site, i) for k, site in enumerate(SITES) for i in range(int(cases_per_site))]
-    plan += [(len(SITES), TEST_SITE, i) for i in range(int(test_cases))]
+    plan = [(k, site, i) for k, site in enumerate(sites) for i in range(int(cases_per_site))]
+    plan += [(len(sites), test_site, i) for i in range(int(test_cases))]
     partial, full = [], []
     for site_index, site, i in plan:
         case_id = f"{site.name}_{i:03d}"
@@ -778,19 +794,20 @@ def generate_phantoms(out_dir, cases_per_site: int = 4, test_cases: int = 4, sha
         extra = {"site": site.name, "phase": phase}
         if report is not None:
             report.log(f"phantom {case_id}: {phase}, {case.image.shape[0]} slices of {case.geometry.spacing[2]:g} mm")
-        if site is TEST_SITE:
+        if site is test_site:
             test_case = Case(case_id, image_path, label_path, list(names), dict(FULL_VALUE_MAP), "test", extra)
             partial.append(test_case)
             full.append(test_case)
             continue
-        partial.append(Case(case_id, image_path, label_path, [site.organ], dict(site.value_map), "train", extra))
+        full_path = out / "labels_full" / f"{case_id}.nii.gz" if full_labels else None
+        partial.append(Case(case_id, image_path, label_path, [site.organ], dict(site.value_map), "train", extra,
+                            label_full=full_path))
         if full_labels:
-            full_path = out / "labels_full" / f"{case_id}.nii.gz"
             write_volume(label_array(case.parts, FULL_VALUES), case.geometry, full_path)
             full.append(Case(case_id, image_path, full_path, list(names), dict(FULL_VALUE_MAP), "train", extra))
-    manifest = write_manifest(out / "dataset.json", classes, partial, name="ltuda-phantoms")
+    manifest = write_manifest(out / "dataset.json", classes, partial, name=f"ltuda-phantoms-{layout}")
     if full_labels:
-        write_manifest(out / "dataset_full.json", classes, full, name="ltuda-phantoms-full")
+        write_manifest(out / "dataset_full.json", classes, full, name=f"ltuda-phantoms-{layout}-full")
     if report is not None:
         report.log(f"wrote {len(plan)} phantom cases to {out} in {time.time() - started:.1f} s")
     return manifest

@@ -16,13 +16,17 @@ class SlicePool:
     drowned out by a large one.
     """
 
-    def __init__(self, prepared_cases, num_classes: int, device="cpu"):
-        images, labels, labeled, groups = [], [], [], []
+    def __init__(self, prepared_cases, num_classes: int, device="cpu", full_labels=None):
+        """full_labels: optional, per case, the prepared case with every organ labelled; a batch then
+        carries them as a fourth tensor (for the oracle benchmark row, never as training labels)."""
+        images, labels, labeled, groups, full = [], [], [], [], []
         group_of = {}
-        for case in prepared_cases:
+        for i, case in enumerate(prepared_cases):
             start, stop = foreground_slice_range(np.asarray(case.labels))
             images.append(torch.from_numpy(np.array(case.image[start:stop])))
             labels.append(torch.from_numpy(np.array(case.labels[start:stop])))
+            if full_labels is not None:
+                full.append(torch.from_numpy(np.array(full_labels[i].labels[start:stop])))
             mask = torch.zeros(num_classes, dtype=torch.bool)
             for value in case.labeled:
                 mask[value - 1] = True
@@ -32,6 +36,7 @@ class SlicePool:
         self.images = torch.cat(images).to(device)
         self.labels = torch.cat(labels).to(device)
         self.labeled = torch.cat(labeled).to(device)
+        self.full_labels = torch.cat(full).to(device) if full_labels is not None else None
         group_index = torch.cat(groups)
         self.members = [torch.nonzero(group_index == g).flatten() for g in range(len(group_of))]
         self.device = device
@@ -49,8 +54,7 @@ class SlicePool:
         index = torch.stack([
             self.members[g][torch.randint(len(self.members[g]), (1,), generator=generator)][0] for g in chosen
         ]).to(self.device)
-        return (
-            self.images[index].float().unsqueeze(1),
-            self.labels[index].long(),
-            self.labeled[index],
-        )
+        batch = (self.images[index].float().unsqueeze(1), self.labels[index].long(), self.labeled[index])
+        if self.full_labels is not None:
+            batch += (self.full_labels[index].long(),)
+        return batch

@@ -1,4 +1,8 @@
-"""The LTUDA network: a 2D U-Net backbone (MONAI BasicUNet) shared by three heads.
+"""The LTUDA network: a 2D U-Net backbone shared by three heads.
+
+Backbones: MONAI BasicUNet (instance norm, LeakyReLU, transposed convolutions), or the reference
+code's U-Net ("reference-unet": 64-128-256-512-512, BatchNorm, ReLU, bilinear up-sampling, ~13.4 M
+parameters). Either way the heads read the last decoder feature map.
 
 - linear head: 1x1 conv -> C sigmoid logits (threshold rule: best organ if its probability >= 0.5);
 - projection head: 1x1 conv -> BN -> ReLU -> 1x1 conv, L2-normalise, LayerNorm, L2-normalise;
@@ -15,6 +19,8 @@ import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
 
 HEADS = ("linear", "proto-labeled", "proto-unlabeled")
+BACKBONES = ("basic-unet", "reference-unet")
+REFERENCE_UNET_FEATURES = (64, 128, 256, 512, 512, 64)
 
 
 @dataclass
@@ -23,26 +29,66 @@ class NetworkConfig:
     features: tuple = (32, 32, 64, 128, 256, 64)
     embedding_dim: int = 64
     prototypes_per_class: int = 5
+    backbone: str = "basic-unet"
 
     def to_json(self) -> dict:
         doc = asdict(self)
         doc["features"] = list(self.features)
-        doc["name"] = "BasicUNet-2D"
+        doc["name"] = "BasicUNet-2D" if self.backbone == "basic-unet" else "ReferenceUNet-2D"
         return doc
 
     @classmethod
     def from_json(cls, doc: dict) -> "NetworkConfig":
         return cls(int(doc["num_classes"]), tuple(doc["features"]), int(doc["embedding_dim"]),
-                   int(doc["prototypes_per_class"]))
+                   int(doc["prototypes_per_class"]), str(doc.get("backbone", "basic-unet")))
+
+
+def _double_conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ReferenceUNet(nn.Module):
+    """The reference code's 2D U-Net, written from its description: encoder widths e0..e4 (a double
+    conv each, max-pool between), four decoder levels that up-sample bilinearly, concatenate the
+    skip and double-conv to e2, e1, e0, e0 channels. Returns the last decoder feature map."""
+
+    def __init__(self, features=REFERENCE_UNET_FEATURES[:5]):
+        super().__init__()
+        e0, e1, e2, e3, e4 = features
+        self.encoder = nn.ModuleList([_double_conv(1, e0), _double_conv(e0, e1), _double_conv(e1, e2),
+                                      _double_conv(e2, e3), _double_conv(e3, e4)])
+        self.decoder = nn.ModuleList([_double_conv(e4 + e3, e2), _double_conv(e2 + e2, e1),
+                                      _double_conv(e1 + e1, e0), _double_conv(e0 + e0, e0)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level, block in enumerate(self.encoder):
+            x = block(F.max_pool2d(x, 2) if level else x)
+            skips.append(x)
+        for block, skip in zip(self.decoder, reversed(skips[:-1])):
+            x = F.interpolate(x, size=skip.shape[2:], mode="bilinear", align_corners=True)
+            x = block(torch.cat([skip, x], dim=1))
+        return x
+
+
+def make_backbone(config: NetworkConfig) -> nn.Module:
+    if config.backbone == "reference-unet":
+        return ReferenceUNet(tuple(config.features[:5]))
+    if config.backbone != "basic-unet":
+        raise ValueError(f"unknown backbone {config.backbone!r}; choose from {', '.join(BACKBONES)}")
+    backbone = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=config.features)
+    backbone.final_conv = nn.Identity()  # expose the last decoder feature map
+    return backbone
 
 
 class LTUDANet(nn.Module):
     def __init__(self, config: NetworkConfig):
         super().__init__()
         self.config = config
-        c, feat, dim, m = config.num_classes, config.features[-1], config.embedding_dim, config.prototypes_per_class
-        self.backbone = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=config.features)
-        self.backbone.final_conv = nn.Identity()  # expose the last decoder feature map
+        c, dim, m = config.num_classes, config.embedding_dim, config.prototypes_per_class
+        feat = config.features[0] if config.backbone == "reference-unet" else config.features[-1]
+        self.backbone = make_backbone(config)
         self.linear_head = nn.Conv2d(feat, c, kernel_size=1)
         self.projection = nn.Sequential(
             nn.Conv2d(feat, feat, 1), nn.BatchNorm2d(feat), nn.ReLU(inplace=True), nn.Conv2d(feat, dim, 1)

@@ -40,6 +40,22 @@ class TrainConfig:
     # Unlabelled organs the teacher gives a probability in [this, 0.5) are ignored by the pseudo-label
     # term instead of taken as background (0.5 = the paper's hard rule).
     pseudo_uncertain_below: float = 0.5
+    # Use an unlabelled organ's pseudo-labels only once the teacher's running Dice on the cases that
+    # label it reaches this (0 = always, the paper).
+    pseudo_gate: float = 0.0
+    # Also apply the Dice term (dice_weight) to pseudo-label targets.
+    pseudo_dice: bool = False
+    # pBCE normalisation: "valid" (mean over non-ignored pixels and labelling samples) or "reference"
+    # (the reference code: sum / all H*W pixels, summed over samples).
+    pbce_scaling: str = "valid"
+    # Stage 2 starts from the "last" stage-1 student, or from the "best" (best-validating) one, as the
+    # reference code does (model_best.pth).
+    stage2_start: str = "last"
+    # The teacher's prototype banks: copied from the student ("copy"), or an EMA of the student's
+    # ("ema"), as in the reference code where the banks are parameters.
+    teacher_prototypes: str = "copy"
+    # Benchmark ceiling: the true labels ("label_full") replace the teacher's pseudo-labels.
+    oracle_pseudo_labels: bool = False
     # method
     strong_views: int = 2
     prototypes: int = 5
@@ -52,6 +68,7 @@ class TrainConfig:
     rotation_deg: float = 30.0
     cutmix_area: tuple = (0.02, 0.4)
     # data and network
+    network: str = "basic-unet"  # or "reference-unet" (the reference code's U-Net)
     image_size: int = 256
     hu_window: tuple = (-325.0, 325.0)
     features: tuple = (32, 32, 64, 128, 256, 64)
@@ -82,8 +99,14 @@ class TrainConfig:
 
 
 PRESETS = {
-    # The paper's network and schedule (toy set: 120 epochs per stage); for a GPU.
-    "paper": {},
+    # The paper's network, loss scaling and schedule (toy set: 120 epochs per stage); for a GPU.
+    "paper": {
+        "network": "reference-unet",
+        "features": (64, 128, 256, 512, 512, 64),
+        "pbce_scaling": "reference",
+        "stage2_start": "best",
+        "teacher_prototypes": "ema",
+    },
     # A small network on 64x64 slices that trains in minutes on a laptop CPU. A schedule of a few
     # hundred iterations (the paper runs ~94k) needs AdamW and a faster-moving teacher; a Dice term
     # on the labels so that small organs (pancreas) are learnt at all in that time; and, while the
@@ -112,5 +135,8 @@ def make_config(preset: str = "paper", **overrides) -> TrainConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("network", values.get("network")) != values.get("network") and "features" not in overrides:
+        values.pop("features", None)  # the preset's widths belong to its own network
+    values.update(overrides)
     return TrainConfig(preset=preset, **values)

@@ -11,6 +11,7 @@ from ..losses import IGNORE, marginal_exclusion_loss, onehot_target, partial_seg
 from ..model.network import linear_hard_label
 from ..model.prototypes import momentum_update, sinkhorn_assign
 from .config import TrainConfig
+from .gate import OrganGate
 
 
 class StepContext:
@@ -23,20 +24,25 @@ class StepContext:
         self.autocast = autocast
         self.weak = WeakAugment(scale_range=config.scale_range, rotation_deg=config.rotation_deg)
         self.pseudo_weight = 1.0  # set by the trainer during the stage-1 ramp-up
+        self.gate = OrganGate(num_classes, config.pseudo_gate)
 
     def seg_loss(self, logits, target, pseudo: bool = False):
-        """pBCE, plus the configured partial Dice on ground-truth targets only.
+        """pBCE, plus the configured partial Dice on ground-truth targets, and on pseudo-targets only
+        with `pseudo_dice`.
 
-        Dice is there so that labelled small organs are learnt in a short run. On a pseudo-label
-        target it would punish every pixel the teacher missed far harder than BCE does (its
-        gradient scales with 1/organ size), so the student would copy the teacher's misses.
+        Dice is there so that labelled small organs are learnt in a short run. On the pseudo-targets of
+        a poor teacher it would punish every pixel the teacher missed far harder than BCE does (its
+        gradient scales with 1/organ size), so the student would copy the teacher's misses; with the
+        organ gate, only organs the teacher already segments well have pseudo-targets at all.
         """
-        return partial_seg_loss(logits, target, 0.0 if pseudo else self.config.dice_weight)
+        cfg = self.config
+        dice = cfg.dice_weight if (not pseudo or cfg.pseudo_dice) else 0.0
+        return partial_seg_loss(logits, target, dice, cfg.pbce_scaling)
 
 
 def supervised_step(ctx: StepContext, student, batch) -> torch.Tensor:
     """Baselines on the weak view: labelled-only pBCE, naive union, or marginal + exclusion."""
-    images, labels, labeled = batch
+    images, labels, labeled = batch[:3]
     images, labels = ctx.weak(images, labels, ctx.generator)
     method = ctx.config.method
     if method == "naive":  # every unlabelled organ is taken as background
@@ -51,7 +57,7 @@ def supervised_step(ctx: StepContext, student, batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def make_pseudo_labels(teacher, images, labels, labeled, autocast, uncertain_below: float = 0.5):
+def make_pseudo_labels(teacher, images, labels, labeled, autocast, uncertain_below: float = 0.5, gate=None):
     """Teacher's hard labels on the weak view, with ground truth where the case has it.
 
     Teacher organ c is kept only where c is NOT labelled in that case; labelled organs come from the
@@ -60,10 +66,14 @@ def make_pseudo_labels(teacher, images, labels, labeled, autocast, uncertain_bel
     organ whose teacher probability lies in [uncertain_below, 0.5) is ignored (-1) rather than taken
     as background, except on the case's labelled organs; uncertain_below = 0.5 (the default) is the
     paper's rule, nothing ignored; 0 keeps only the teacher's positives for unlabelled organs.
+    With an OrganGate, the teacher's prediction updates it, and an organ the gate keeps closed is
+    ignored on every case that does not label it.
     """
     with autocast():
         logits = teacher(images, heads=("linear",))["linear"]
     hard = linear_hard_label(logits)
+    if gate is not None and gate.enabled:
+        gate.update(hard, labels, labeled)
     predicted_labeled = labeled.gather(1, (hard - 1).clamp(min=0).flatten(1)).view_as(hard) & (hard > 0)
     hard = torch.where(labels > 0, labels, torch.where(predicted_labeled, torch.zeros_like(hard), hard))
     target = onehot_target(hard, labeled.shape[1])
@@ -72,6 +82,9 @@ def make_pseudo_labels(teacher, images, labels, labeled, autocast, uncertain_bel
         # a labelled organ's pixels are known not to be any other organ: never unsure there
         uncertain = (probs >= uncertain_below) & (target == 0) & ~labeled[:, :, None, None] & (labels == 0)[:, None]
         target = torch.where(uncertain, torch.full_like(target, IGNORE), target)
+    if gate is not None and gate.enabled:
+        closed = ~gate.open().to(labeled.device)[None, :] & ~labeled
+        target = torch.where(closed[:, :, None, None], torch.full_like(target, IGNORE), target)
     return hard, target
 
 
@@ -88,11 +101,16 @@ def _strong_views(ctx, images, partial, pseudo, pseudo_target, labels):
 
 def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.Tensor:
     c = ctx.num_classes
-    images, labels, labeled = batch
-    images, labels = ctx.weak(images, labels, ctx.generator)
+    images, labels, labeled = batch[:3]
+    if len(batch) > 3:  # the oracle: true labels instead of the teacher's, warped with the same transform
+        images, packed = ctx.weak(images, labels + (c + 1) * batch[3], ctx.generator)
+        labels, pseudo = packed % (c + 1), packed // (c + 1)
+        pseudo_target = onehot_target(pseudo, c)
+    else:
+        images, labels = ctx.weak(images, labels, ctx.generator)
+        pseudo, pseudo_target = make_pseudo_labels(teacher, images, labels, labeled, ctx.autocast,
+                                                   ctx.config.pseudo_uncertain_below, ctx.gate)
     partial = partial_target(labels, labeled, c)
-    pseudo, pseudo_target = make_pseudo_labels(teacher, images, labels, labeled, ctx.autocast,
-                                               ctx.config.pseudo_uncertain_below)
     views = _strong_views(ctx, images, partial, pseudo, pseudo_target, labels)
     b, k = images.shape[0], len(views)
     heads = ("linear",) if stage == 1 else ("linear", "proto-labeled", "proto-unlabeled")

@@ -16,15 +16,21 @@ from ..data.cache import SliceCache
 from ..data.preprocess import Preprocessing
 from ..data.slices import SlicePool
 from ..errors import LtudaError, ManifestProblems
-from ..manifest import Manifest
+from ..manifest import Case, Manifest
 from ..model.network import HEADS, LTUDANet, NetworkConfig
 from ..model.store import atomic_torch_save, atomic_write_json, safe_torch_load, save_model
 from ..validation import validate
 from .config import STAGE_NAMES, TrainConfig
+from .diagnostics import pseudo_label_quality
 from .steps import StepContext, ltuda_step, supervised_step
 
 LAST = Path("checkpoints") / "last.pt"
+BEST_STUDENT = Path("checkpoints") / "best_student.pt"  # stage 1's best student, where stage 2 may start
 CONFIG = Path("checkpoints") / "config.json"
+
+
+def network_config(config: TrainConfig, num_classes: int) -> NetworkConfig:
+    return NetworkConfig(num_classes, tuple(config.features), config.embedding_dim, config.prototypes, config.network)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -73,6 +79,12 @@ def pseudo_rampup(epoch: float, rampup_epochs: int) -> float:
     return math.exp(-5.0 * (1.0 - epoch / rampup_epochs) ** 2)
 
 
+def fully_labelled(case: Case, classes) -> Case:
+    """The case read from its "label_full" file, every organ labelled (class values)."""
+    return Case(case.id, case.image, case.label_full, [c["name"] for c in classes],
+                {c["value"]: c["name"] for c in classes}, case.split)
+
+
 class StopRequested(Exception):
     pass
 
@@ -98,23 +110,32 @@ class Trainer:
     def _load_data(self):
         train, val = split_validation(self.manifest, self.config.val_fraction, self.config.seed)
         self.report.log(f"preprocessing {len(train) + len(val)} case(s) (cached in {self.cache.root})")
-        problems, prepared = [], {}
+        problems, prepared, full = [], {}, {}
+        with_full = all(c.label_full is not None for c in train)
+        if self.config.oracle_pseudo_labels and not with_full:
+            raise LtudaError("the oracle needs every training case's full labels (\"label_full\")", self.manifest.path,
+                             "Use phantoms (they record them), or train without the oracle.")
         for case in train + val:
             try:
                 prepared[case.id] = self.cache.load(case, self.classes, self.prep)
+                if with_full and case in train:
+                    full[case.id] = self.cache.load(fully_labelled(case, self.classes), self.classes, self.prep)
             except LtudaError as exc:
                 problems.append(str(exc))
         if problems:
             raise ManifestProblems(problems)
         self.train_cases, self.val_cases = train, val
-        self.pool = SlicePool([prepared[c.id] for c in train], self.num_classes, self.device)
+        # Teacher diagnostics on the organs each case does not label, where the truth is known.
+        self.diagnostic_pairs = [(prepared[c.id], full[c.id]) for c in train] if with_full else []
+        self.diagnostics = []
+        oracle = [full[c.id] for c in train] if self.config.oracle_pseudo_labels else None
+        self.pool = SlicePool([prepared[c.id] for c in train], self.num_classes, self.device, full_labels=oracle)
         self.val_prepared = [prepared[c.id] for c in val]
         if self.config.iterations_per_epoch <= 0:
             self.config.iterations_per_epoch = max(1, math.ceil(len(self.pool) / self.config.batch_size))
 
     def _network(self) -> LTUDANet:
-        net = LTUDANet(NetworkConfig(self.num_classes, tuple(self.config.features), self.config.embedding_dim,
-                                     self.config.prototypes))
+        net = LTUDANet(network_config(self.config, self.num_classes))
         net = net.to(self.device)
         if self.device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
@@ -140,9 +161,12 @@ class Trainer:
             "generator": self.generator.get_state(),
             "best_dice": torch.tensor(self.best["mean_dice"]),
             "elapsed": torch.tensor(self.elapsed()),
+            "gate": self.ctx.gate.state_dict(),
         }
         atomic_torch_save(state, self.out_dir / LAST)
-        atomic_write_json({"config": self.config.to_json(), "best": self.best}, self.out_dir / CONFIG)
+        atomic_write_json({"config": self.config.to_json(), "best": self.best,
+                           "best_student_dice": self.best_student_dice, "diagnostics": self.diagnostics},
+                          self.out_dir / CONFIG)
         self.report.emit("checkpoint", kind="last", path=str(self.out_dir / LAST))
 
     def elapsed(self) -> float:
@@ -167,6 +191,7 @@ class Trainer:
                 "per_organ": self.best.get("per_organ", {}),
                 "by_head": self.best.get("by_head", {}),
             },
+            "pseudo_label_quality": self.diagnostics,
         }
 
     def _consider_best(self, stage, epoch, results):
@@ -187,8 +212,13 @@ class Trainer:
         with torch.no_grad():
             for t, s in zip(self.teacher.parameters(), self.student.parameters()):
                 t.mul_(decay).add_(s.detach(), alpha=1 - decay)
-            for t, s in zip(self.teacher.buffers(), self.student.buffers()):
-                t.copy_(s)
+            ema_banks = self.config.teacher_prototypes == "ema"
+            for (name, t), s in zip(self.teacher.named_buffers(), self.student.buffers()):
+                if ema_banks and name.startswith("prototypes"):
+                    t.mul_(decay).add_(s, alpha=1 - decay)
+                    t.copy_(torch.nn.functional.normalize(t, dim=-1))
+                else:
+                    t.copy_(s)
 
     def _handle_signal(self, signum, frame):
         self.stop_requested = True
@@ -204,6 +234,8 @@ class Trainer:
         self.optimizer = self._optimizer(self.student)
         self.best = {"mean_dice": -1.0, "stage": None, "epoch": None, "model": None, "head": None}
         self.elapsed_before = 0.0
+        self.best_student_dice = -1.0
+        self.ctx = ctx = StepContext(cfg, self.num_classes, self.generator, self._autocast)
         start_stage, start_epoch, start_iter = 0, 0, 0
         if self.resume:
             start_stage, start_epoch, start_iter = self._restore()
@@ -217,7 +249,6 @@ class Trainer:
                          cases={"train": len(self.train_cases), "val": len(self.val_cases)},
                          slices=len(self.pool), resumed=self.resume)
         previous = {sig: signal.signal(sig, self._handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        ctx = StepContext(cfg, self.num_classes, self.generator, self._autocast)
         global_step, run_started, steps_this_run = done_before, time.time(), 0
         try:
             for stage_index in range(start_stage, len(stages)):
@@ -260,10 +291,13 @@ class Trainer:
                         loss=float(np.mean(losses)) if losses else float("nan"), lr=lr,
                         images_per_s=len(losses) * cfg.batch_size / max(seconds, 1e-9),
                         eta_s=rate * (total - global_step), progress=global_step / total,
+                        **self._gate_status(ctx, stage),
                     )
                     last_epoch = epoch + 1 == cfg.epochs(stage)
-                    if self.val_prepared and ((epoch + 1) % cfg.validate_every == 0 or last_epoch):
-                        self._validate(stage, epoch + 1)
+                    if (epoch + 1) % cfg.validate_every == 0 or last_epoch:
+                        self._diagnose(stage, epoch + 1)
+                        if self.val_prepared:
+                            self._validate(stage, epoch + 1)
                     self._save_last(stage_index, epoch + 1, 0)
                 start_epoch, start_iter = 0, 0
         except StopRequested:
@@ -275,15 +309,36 @@ class Trainer:
         self._finish(completed=True)
         return {"status": "completed", "mean_dice": self.best["mean_dice"]}
 
+    def _gate_status(self, ctx, stage) -> dict:
+        """The organ gate's running teacher Dice and which organs use pseudo-labels (LTUDA stages only)."""
+        if stage == 0 or not ctx.gate.enabled:
+            return {}
+        names = [c["name"] for c in self.classes]
+        dice, open_ = ctx.gate.dice().tolist(), ctx.gate.open().tolist()
+        return {"teacher_dice": dict(zip(names, [round(d, 4) for d in dice])),
+                "pseudo_labels_on": [n for n, o in zip(names, open_) if o]}
+
     def _begin_stage(self):
-        """A new stage starts from the previous stage's student; the teacher restarts from it too.
+        """A new stage starts from the previous stage's last (or best, `stage2_start`) student; the teacher
+        restarts from it too.
 
         The model is the best checkpoint of the final stage (as in the paper, per stage), so every
         head it offers has been trained.
         """
+        if self.config.stage2_start == "best" and (self.out_dir / BEST_STUDENT).is_file():
+            self.student.load_state_dict(safe_torch_load(self.out_dir / BEST_STUDENT, "checkpoint"))
+            self.report.log("stage 2 starts from the best-validating stage-1 student")
         self.teacher.load_state_dict(self.student.state_dict())
         self.optimizer = self._optimizer(self.student)
         self.best = {"mean_dice": -1.0, "stage": None, "epoch": None, "model": None, "head": None}
+
+    def _diagnose(self, stage, epoch):
+        """The teacher's pseudo-label quality where they are used, when the truth is known."""
+        if stage not in (1, 2) or not self.diagnostic_pairs or self.config.oracle_pseudo_labels:
+            return
+        quality = pseudo_label_quality(self.teacher, self.diagnostic_pairs, self.classes, self.device, self._autocast)
+        self.diagnostics.append({"stage": stage, "epoch": epoch, "per_organ": quality})
+        self.report.emit("pseudo_labels", stage=stage, epoch=epoch, per_organ=quality)
 
     def _validate(self, stage, epoch):
         heads = ("linear",) if stage in (0, 1) else HEADS
@@ -294,6 +349,10 @@ class Trainer:
                 results[(model_name, head)] = (mean, per_organ)
                 self.report.emit("validation", stage=stage, epoch=epoch, model=model_name, head=head,
                                  mean_dice=mean, per_organ=per_organ)
+        student_mean = max(mean for (model, _), (mean, _) in results.items() if model == "student")
+        if stage == 1 and student_mean > self.best_student_dice:
+            self.best_student_dice = student_mean
+            atomic_torch_save(self.student.state_dict(), self.out_dir / BEST_STUDENT)
         self._consider_best(stage, epoch, results)
 
     def _finish(self, completed: bool):
@@ -315,8 +374,12 @@ class Trainer:
             self.teacher.load_state_dict(state["teacher"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.generator.set_state(state["generator"])
+            if "gate" in state:
+                self.ctx.gate.load_state_dict(state["gate"])
             saved = safe_json(self.out_dir / CONFIG)
             self.best = saved.get("best", self.best)
+            self.best_student_dice = float(saved.get("best_student_dice", -1.0))
+            self.diagnostics = list(saved.get("diagnostics", []))
             self.elapsed_before = float(state["elapsed"])
             return int(state["stage_index"]), int(state["epoch"]), int(state["iteration"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:

@@ -1,0 +1,53 @@
+"""Per-organ switch for the pseudo-label term, by the teacher's learning status on that organ.
+
+A young teacher calls the organs it cannot see yet "background" on every case that does not label
+them, and those pseudo-negatives outvote the organ's own labels (the pancreas collapses). FlexMatch
+and COSST let each class join the unlabelled loss only once the model has learnt it. Here the status
+is the teacher's Dice on the organ where the truth is known: the weak views of the cases that label
+it, which the teacher predicts anyway to make pseudo-labels, so it costs nothing. Until an organ's
+running Dice reaches the threshold, its pseudo-label channel is ignored on cases that do not label it
+(for that organ, labelled-only training); above it, the teacher's positives and negatives are used.
+"""
+
+import torch
+
+
+class OrganGate:
+    def __init__(self, num_classes: int, threshold: float, momentum: float = 0.98):
+        self.threshold, self.momentum = float(threshold), float(momentum)
+        self.overlap = torch.zeros(num_classes)
+        self.total = torch.zeros(num_classes)
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold > 0
+
+    def dice(self) -> torch.Tensor:
+        """Running teacher Dice per organ (0 before the organ was ever seen)."""
+        return torch.where(self.total > 0, 2 * self.overlap / self.total.clamp(min=1e-6), torch.zeros_like(self.total))
+
+    def open(self) -> torch.Tensor:
+        """Bool [C]: organs whose pseudo-labels are used (all of them when the gate is off)."""
+        if not self.enabled:
+            return torch.ones_like(self.total, dtype=torch.bool)
+        return self.dice() >= self.threshold
+
+    @torch.no_grad()
+    def update(self, predicted: torch.Tensor, labels: torch.Tensor, labeled: torch.Tensor):
+        """predicted, labels: class values [B, H, W]; labeled: [B, C] bool. Pools the batch's overlap and
+        sizes per organ over the samples that label it, then folds them into the running sums."""
+        organs = torch.arange(1, labeled.shape[1] + 1, device=labels.device)[None, :, None, None]
+        pred = (predicted[:, None] == organs) & labeled[:, :, None, None]
+        truth = (labels[:, None] == organs) & labeled[:, :, None, None]
+        overlap = (pred & truth).sum(dim=(0, 2, 3)).float().cpu()
+        total = (pred.sum(dim=(0, 2, 3)) + truth.sum(dim=(0, 2, 3))).float().cpu()
+        seen = labeled.any(dim=0).cpu()
+        m = self.momentum
+        self.overlap = torch.where(seen, m * self.overlap + (1 - m) * overlap, self.overlap)
+        self.total = torch.where(seen, m * self.total + (1 - m) * total, self.total)
+
+    def state_dict(self) -> dict:
+        return {"overlap": self.overlap.clone(), "total": self.total.clone()}
+
+    def load_state_dict(self, state: dict):
+        self.overlap, self.total = state["overlap"].clone(), state["total"].clone()

@@ -1,0 +1,199 @@
+"""The levers that decide what pseudo-labels teach at small compute: the reference pBCE scaling, the
+per-organ gate, the Dice term on pseudo-targets, the oracle ceiling and the teacher diagnostics."""
+
+import contextlib
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ltuda.data.preprocess import PreparedCase
+from ltuda.losses import IGNORE, partial_bce, partial_seg_loss
+from ltuda.model.network import LTUDANet, NetworkConfig
+from ltuda.train.config import make_config
+from ltuda.train.diagnostics import pseudo_label_quality
+from ltuda.train.gate import OrganGate
+from ltuda.train.steps import StepContext, ltuda_step, make_pseudo_labels
+
+from test_method import _toy_batch
+
+C = 4
+
+
+def _bce(logit: float, target: float) -> float:
+    p = 1 / (1 + math.exp(-logit))
+    return -(target * math.log(p) + (1 - target) * math.log(1 - p))
+
+
+def test_reference_pbce_matches_a_hand_computed_batch():
+    # Two samples of 1x2 pixels, two organ channels. Channel 0: sample 0 labels both pixels, sample 1
+    # only its first (the second is ignored). Channel 1: only sample 1 labels it.
+    logits = torch.tensor([[[[2.0, -1.0]], [[0.5, 0.5]]],
+                           [[[0.0, 3.0]], [[-2.0, 1.0]]]])
+    target = torch.tensor([[[[1.0, 0.0]], [[IGNORE, IGNORE]]],
+                           [[[0.0, IGNORE]], [[1.0, 0.0]]]])
+    hw = 2
+    channel0 = (_bce(2, 1) + _bce(-1, 0)) / hw + _bce(0, 0) / hw  # summed over samples, / all H*W pixels
+    channel1 = (_bce(-2, 1) + _bce(1, 0)) / hw
+    expected = (channel0 + channel1) / 2  # mean over the channels present
+    assert partial_bce(logits, target, "reference").item() == pytest.approx(expected, rel=1e-6)
+    # ours: mean over valid pixels, then over the labelling samples
+    ours = ((_bce(2, 1) + _bce(-1, 0)) / 2 + _bce(0, 0)) / 2
+    assert partial_bce(logits, target, "valid").item() == pytest.approx((ours + channel1) / 2, rel=1e-6)
+
+
+def test_gate_opens_an_organ_only_once_the_teacher_segments_it():
+    gate = OrganGate(C, threshold=0.5, momentum=0.0)
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    labels[0, :2, :2] = 1  # sample 0 labels organ 1
+    labels[1, 2:, 2:] = 2  # sample 1 labels organ 2
+    labeled = torch.tensor([[True, False, False, False], [False, True, False, False]])
+    predicted = labels.clone()
+    predicted[1] = 0  # the teacher finds organ 1 and misses organ 2
+    predicted[1, 2, 2] = 2  # one pixel of four
+    gate.update(predicted, labels, labeled)
+    assert gate.dice()[0].item() == pytest.approx(1.0)
+    assert gate.dice()[1].item() == pytest.approx(2 * 1 / (1 + 4))
+    assert gate.open().tolist() == [True, False, False, False]  # organs never seen stay closed
+    assert OrganGate(C, threshold=0.0).open().all()  # threshold 0: the paper, always on
+
+
+def test_closed_organs_are_ignored_where_unlabelled_and_kept_where_labelled():
+    images, labels, labeled = _toy_batch()
+    net = LTUDANet(NetworkConfig(C, (8, 8, 16, 16, 32, 16), 16, 3))
+    gate = OrganGate(C, threshold=0.5, momentum=1.0)  # frozen: this batch does not move it
+    gate.overlap, gate.total = torch.tensor([1.0, 0, 0, 0]), torch.tensor([2.0, 1, 1, 1])  # only organ 1 open
+    _, target = make_pseudo_labels(net, images, labels, labeled, contextlib.nullcontext, 0.5, gate)
+    for sample in range(4):
+        for organ in range(C):
+            channel = target[sample, organ]
+            if labeled[sample, organ]:  # a labelled organ is its ground truth
+                assert torch.equal(channel, (labels[sample] == organ + 1).float())
+            elif organ == 0:  # open: the teacher's labels, nothing ignored
+                assert (channel >= 0).all()
+            else:  # closed and unlabelled: no pseudo-label at all
+                assert (channel == IGNORE).all()
+
+
+@pytest.mark.parametrize("pseudo_dice, expected", [(False, [1.0, 0.0, 1.0]), (True, [1.0, 1.0, 1.0])])
+def test_dice_on_pseudo_targets_only_when_asked(monkeypatch, pseudo_dice, expected):
+    import ltuda.train.steps as steps
+    weights = []
+
+    def recording_loss(logits, target, dice_weight=0.0, scaling="valid"):
+        weights.append(dice_weight)
+        return partial_seg_loss(logits, target, dice_weight, scaling)
+
+    monkeypatch.setattr(steps, "partial_seg_loss", recording_loss)
+    config = make_config("fast", strong_views=1, dice_weight=1.0, pseudo_dice=pseudo_dice)
+    net = LTUDANet(NetworkConfig(C, (8, 8, 16, 16, 32, 16), 16, 3))
+    ctx = StepContext(config, C, torch.Generator().manual_seed(0), contextlib.nullcontext)
+    ltuda_step(ctx, net, copy.deepcopy(net), _toy_batch(), 1)
+    assert weights == expected  # weak labels, strong pseudo-labels, strong labels
+
+
+def test_the_oracle_trains_on_the_true_labels(monkeypatch):
+    import ltuda.train.steps as steps
+    targets = []
+
+    def recording_loss(logits, target, dice_weight=0.0, scaling="valid"):
+        targets.append(target)
+        return partial_seg_loss(logits, target, dice_weight, scaling)
+
+    monkeypatch.setattr(steps, "partial_seg_loss", recording_loss)
+    images, labels, labeled = _toy_batch()
+    full = labels.clone()
+    full[:] = labels.sum(dim=0)  # every sample shows all four organs at the same places
+    config = make_config("fast", strong_views=1, cutmix_area=(0.02, 0.02), scale_range=(1.0, 1.0), rotation_deg=0.0)
+    net = LTUDANet(NetworkConfig(C, (8, 8, 16, 16, 32, 16), 16, 3))
+    ctx = StepContext(config, C, torch.Generator().manual_seed(0), contextlib.nullcontext)
+    ltuda_step(ctx, net, copy.deepcopy(net), (images, labels, labeled, full), 1)
+    pseudo_target = targets[1]  # weak labels, then the strong view's pseudo-labels
+    organs = torch.arange(1, C + 1)[None, :, None, None]
+    assert torch.equal(pseudo_target, (full[:, None] == organs).float())  # same image everywhere: CutMix is a no-op
+
+
+class _FixedTeacher(torch.nn.Module):
+    """Predicts organ 1 on the left half of every slice, nothing else."""
+
+    def forward(self, x, heads=("linear",)):
+        logits = torch.full((x.shape[0], C, x.shape[2], x.shape[3]), -10.0)
+        logits[:, 0, :, : x.shape[3] // 2] = 10.0
+        return {"linear": logits}
+
+
+def test_pseudo_label_quality_is_measured_on_the_organs_a_case_does_not_label():
+    truth = np.zeros((2, 4, 4), dtype=np.uint8)
+    truth[:, :, 1:3] = 1  # organ 1 covers columns 1-2; the teacher predicts columns 0-1
+    truth[:, 0, 3] = 2
+    image = np.zeros((2, 4, 4), dtype=np.float16)
+    labels_organ2 = np.where(truth == 2, 2, 0).astype(np.uint8)
+    pairs = [(PreparedCase("a", image, labels_organ2, [2]), PreparedCase("a", image, truth, [1, 2, 3, 4])),
+             # this case labels organ 1 itself: its organ-1 pixels do not count
+             (PreparedCase("b", image, np.where(truth == 1, 1, 0), [1]), PreparedCase("b", image, truth, [1, 2, 3, 4]))]
+    classes = [{"name": n, "value": v} for v, n in enumerate(("liver", "spleen", "kidney", "pancreas"), start=1)]
+    quality = pseudo_label_quality(_FixedTeacher(), pairs, classes, "cpu", contextlib.nullcontext)
+    # case a only: predicted 16 pixels of organ 1, 16 true, 8 shared
+    assert quality["liver"] == {"precision": 0.5, "recall": 0.5, "dice": 0.5}
+    # organ 2 is unlabelled in case b: 2 true pixels, never predicted
+    assert quality["spleen"] == {"precision": 0.0, "recall": 0.0, "dice": 0.0}
+    assert "kidney" not in quality  # absent and never predicted
+
+
+def test_stage2_starts_from_the_best_stage1_student(tiny_dataset, tmp_path, monkeypatch):
+    import ltuda.train.trainer as trainer_module
+    from ltuda.manifest import load_manifest
+    from ltuda.progress import SilentReporter
+
+    calls = []
+
+    def falling_dice(*args, **kwargs):  # the first validation is the best: best and last students differ
+        calls.append(1)
+        return 1.0 / len(calls), {}
+
+    monkeypatch.setattr(trainer_module, "validate", falling_dice)
+    starts = []
+
+    class Recording(trainer_module.Trainer):
+        def _validate(self, stage, epoch):
+            super()._validate(stage, epoch)
+            if stage == 1 and epoch == 1:
+                starts.append({k: v.clone() for k, v in self.student.state_dict().items()})
+
+        def _begin_stage(self):
+            last = {k: v.clone() for k, v in self.student.state_dict().items()}
+            super()._begin_stage()
+            starts.append(last)
+            starts.append({k: v.clone() for k, v in self.student.state_dict().items()})
+            starts.append({k: v.clone() for k, v in self.teacher.state_dict().items()})
+
+    config = make_config("fast", epochs_stage1=3, epochs_stage2=1, iterations_per_epoch=2, image_size=32,
+                         batch_size=2, val_fraction=0.5, stage2_start="best", seed=1)
+    Recording(load_manifest(tiny_dataset), tmp_path / "model", config, SilentReporter(),
+              cache_dir=tmp_path / "cache").run()
+    first_epoch, last, student, teacher = starts
+    weights = [k for k in first_epoch if not k.startswith("prototypes")]
+    assert all(torch.equal(student[k], first_epoch[k]) and torch.equal(teacher[k], first_epoch[k]) for k in weights)
+    assert not all(torch.equal(last[k], first_epoch[k]) for k in weights)  # stage 1 went on after its best epoch
+
+
+def test_teacher_prototype_banks_follow_the_student_by_ema():
+    from types import SimpleNamespace
+
+    from ltuda.train.trainer import Trainer
+
+    student = LTUDANet(NetworkConfig(C, (8, 8, 16, 16, 32, 16), 16, 3))
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        student.prototypes_unlabeled.copy_(torch.nn.functional.normalize(torch.randn_like(student.prototypes_unlabeled), dim=-1))
+    before = teacher.prototypes_unlabeled.clone()
+    fake = SimpleNamespace(config=make_config("fast", ema_decay=0.9, teacher_prototypes="ema"), student=student,
+                           teacher=teacher)
+    Trainer._ema_update(fake, step=100)
+    expected = torch.nn.functional.normalize(0.9 * before + 0.1 * student.prototypes_unlabeled, dim=-1)
+    assert torch.allclose(teacher.prototypes_unlabeled, expected, atol=1e-6)
+    fake.config = make_config("fast", ema_decay=0.9, teacher_prototypes="copy")
+    Trainer._ema_update(fake, step=100)
+    assert torch.equal(teacher.prototypes_unlabeled, student.prototypes_unlabeled)
