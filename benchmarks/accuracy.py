@@ -1,23 +1,32 @@
 """Accuracy benchmark: LTUDA against what users would do instead, on partially labelled phantoms.
 
-    python benchmarks/accuracy.py [--preset fast|paper] [--seeds 3] [--smoke] [--out benchmarks/results]
-    python benchmarks/accuracy.py --methods labeled-only,ltuda --equal-iterations --set epochs_stage1=32 ...
+    python benchmarks/accuracy.py --protocol toy --seeds 5 --jobs 2
+    python benchmarks/accuracy.py --protocol toy --learning-curve 1,2,4 --seeds 5 --jobs 2
+    python benchmarks/accuracy.py --protocol toy --methods labeled-only,ltuda --set pseudo_gate=0 ...
 
-Four training sites each label one organ; the test site (another scanner) is fully labelled. Every
-method trains with the same network, budget and seeds, then segments the test cases; 3D Dice and
-HD95 (mm) per organ. Methods: fully supervised (same images, all organs labelled: the upper bound),
-naive union, labelled-only pBCE, marginal + exclusion, CDA only, LTUDA (CDA + PDA, each head).
-Ablations: prototypes per class, strong views, labelled cases per organ. Writes accuracy.json,
-accuracy.md and accuracy.png.
+Protocols (phantom seed 1000, fixed before any method was tuned):
+- toy: the paper's toy set. Every case comes from one acquisition; four groups of training cases each
+  label one organ; the fully labelled test cases come from the same acquisition.
+- multi-site: each group is its own scanner (noise, offset, slice thickness, field of view), the test
+  cases a fifth one.
 
-By default each method runs its preset schedule, so LTUDA (stage 1 + stage 2) trains for more
-iterations than the one-stage methods; --equal-iterations gives those methods both stages' epochs.
---set KEY=VALUE changes any training setting for every method (e.g. a longer schedule).
+Every method trains the same network with the same seeds and the SAME number of iterations: a one-stage
+method trains for LTUDA's stage 1 + stage 2 epochs. Methods: fully-supervised (all organs labelled: the
+bound), labeled-only, naive, marginal-exclusion, cda (stage 1 only), ltuda, oracle (LTUDA with the true
+labels as pseudo-labels: the ceiling of the pseudo-label term), and the lever ablations below (LTUDA with
+one lever of the fast recipe undone). Test: 3D Dice and HD95 (mm) per organ; LTUDA against labelled-only
+and CDA by a one-sided paired t-test over seeds.
+
+Results go to OUT/accuracy.json (one entry per protocol, plus the learning curve), accuracy.md and
+accuracy.png, saved after every run, so a stopped benchmark keeps what it measured. Training runs
+in --jobs worker processes of one thread each.
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -25,87 +34,103 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-
-from ltuda.data.phantoms import generate_phantoms
-from ltuda.evaluate import evaluate_case, summarise
-from ltuda.manifest import load_manifest, write_manifest
-from ltuda.model.network import HEADS
-from ltuda.predict import Predictor
-from ltuda.io.segnrrd import write_seg_nrrd
-from ltuda.io.volumes import read_image
-from ltuda.progress import SilentReporter
-from ltuda.train.config import METHOD_STAGES, TrainConfig, make_config
-from ltuda.train.trainer import Trainer
 
 METHODS = {
-    # key: (method, dataset variant)
-    "fully-supervised": ("labeled-only", "full"),
-    "naive": ("naive", "partial"),
-    "labeled-only": ("labeled-only", "partial"),
-    "marginal-exclusion": ("marginal-exclusion", "partial"),
-    "cda": ("cda", "partial"),
-    "ltuda": ("ltuda", "partial"),
+    # key: (trainer method, dataset variant, settings on top of the preset)
+    "fully-supervised": ("labeled-only", "full", {}),
+    "labeled-only": ("labeled-only", "partial", {}),
+    "naive": ("naive", "partial", {}),
+    "marginal-exclusion": ("marginal-exclusion", "partial", {}),
+    "cda": ("cda", "partial", {}),
+    "ltuda": ("ltuda", "partial", {}),
+    "oracle": ("ltuda", "partial", {"oracle_pseudo_labels": True}),
+    # lever ablations: the fast recipe with one lever undone
+    "ltuda-no-gate": ("ltuda", "partial", {"pseudo_gate": 0.0, "pseudo_dice": False, "pseudo_rampup_epochs": 12}),
+    "ltuda-no-pseudo-dice": ("ltuda", "partial", {"pseudo_dice": False}),
+    "ltuda-reference-pbce": ("ltuda", "partial", {"pbce_scaling": "reference"}),
 }
+DEFAULT_METHODS = ("fully-supervised", "labeled-only", "naive", "marginal-exclusion", "cda", "ltuda", "oracle")
+PROTOCOLS = ("toy", "multi-site")
+PHANTOM_SEED = 1000
+FIRST_SEED = 43
 
 
-def subset_manifest(manifest_path: Path, per_site: int) -> Path:
-    """The same dataset with only the first `per_site` training cases of each site."""
+def scaled_schedule(preset: str, overrides: dict, factor: float) -> dict:
+    """The preset's schedule (epochs and ramp-up) times `factor`, under the given overrides."""
+    from ltuda.train.config import make_config
+
+    if factor == 1:
+        return dict(overrides)
+    config = make_config(preset, **overrides)
+    return {**overrides, "epochs_stage1": round(config.epochs_stage1 * factor),
+            "epochs_stage2": round(config.epochs_stage2 * factor),
+            "pseudo_rampup_epochs": round(config.pseudo_rampup_epochs * factor)}
+
+
+def method_settings(key: str, preset: str, overrides: dict) -> tuple:
+    """(trainer method, dataset variant, settings): one-stage methods get both stages' epochs."""
+    from ltuda.train.config import METHOD_STAGES, make_config
+
+    method, variant, extra = METHODS[key]
+    settings = {**overrides, **extra}
+    if len(METHOD_STAGES[method]) < len(METHOD_STAGES["ltuda"]):
+        config = make_config(preset, **settings)
+        settings["epochs_stage1"] = config.epochs_stage1 + config.epochs_stage2
+    return method, variant, settings
+
+
+def score(model_dir: Path, manifest, work: Path) -> dict:
+    """Mean Dice, per-organ Dice and HD95 of the default head on the fully labelled test cases."""
+    from ltuda.evaluate import evaluate_case, summarise
+    from ltuda.io.segnrrd import write_seg_nrrd
+    from ltuda.io.volumes import read_image
+    from ltuda.predict import Predictor
+
+    predictor = Predictor(model_dir, head="auto", device="auto")
+    cases = []
+    for case in manifest.split("test"):
+        image = read_image(case.image)
+        pred = work / f"{case.id}.seg.nrrd"
+        write_seg_nrrd(pred, predictor.segment(image), image, manifest.classes)
+        cases.append(evaluate_case(pred, case.label, manifest.classes, truth_value_map=case.value_map))
+    mean = summarise(cases, manifest.classes)["mean"]
+    dice = {n: m["dice"] for n, m in mean.items()}
+    hd95 = {n: m["hd95_mm"] for n, m in mean.items()}
+    return {"mean_dice": _nanmean(list(dice.values())), "per_organ_dice": dice, "per_organ_hd95_mm": hd95,
+            "mean_hd95_mm": _nanmean(list(hd95.values())), "head": predictor.head}
+
+
+def run_one(manifest_path, method, seed, preset, settings, work: Path, cache: Path) -> dict:
+    """Train one model and score it; runs in a worker process."""
+    import torch
+    from ltuda.manifest import load_manifest
+    from ltuda.progress import SilentReporter
+    from ltuda.train.config import make_config
+    from ltuda.train.trainer import Trainer
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     manifest = load_manifest(manifest_path)
-    kept, counts = [], {}
-    for case in manifest.cases:
-        key = tuple(case.labeled) if case.split != "test" else None
-        if key is not None:
-            counts[key] = counts.get(key, 0) + 1
-            if counts[key] > per_site:
-                continue
-        kept.append(case)
-    path = manifest_path.with_name(f"{manifest_path.stem}_{per_site}cases.json")
-    write_manifest(path, manifest.classes, kept, name=f"{manifest.name}-{per_site}")
-    return path
-
-
-def score(model_dir: Path, manifest, heads, work: Path) -> dict:
-    """Per head: mean Dice, per-organ Dice and HD95 on the fully labelled test cases.
-
-    "auto" resolves to one of the named heads (the one that validated best); each head is
-    predicted once and "auto" shares that head's scores.
-    """
-    predictors = {head: Predictor(model_dir, head=head, device="auto") for head in heads}
-    scored = {}
-    for predictor in predictors.values():
-        if predictor.head in scored:
-            continue
-        cases = []
-        for case in manifest.split("test"):
-            image = read_image(case.image)
-            pred = work / f"{case.id}_{predictor.head}.seg.nrrd"
-            write_seg_nrrd(pred, predictor.segment(image), image, manifest.classes)
-            cases.append(evaluate_case(pred, case.label, manifest.classes, truth_value_map=case.value_map))
-        mean = summarise(cases, manifest.classes)["mean"]
-        dice = {n: m["dice"] for n, m in mean.items()}
-        hd95 = {n: m["hd95_mm"] for n, m in mean.items()}
-        scored[predictor.head] = {"mean_dice": _nanmean(list(dice.values())), "per_organ_dice": dice,
-                                  "per_organ_hd95_mm": hd95, "mean_hd95_mm": _nanmean(list(hd95.values()))}
-    return {head: scored[predictor.head] for head, predictor in predictors.items()}
-
-
-def run_one(manifest_path, method, seed, preset, overrides, work: Path, heads=("auto",)):
-    manifest = load_manifest(manifest_path)
-    config = make_config(preset, method=method, seed=seed, **overrides)
+    config = make_config(preset, method=method, seed=seed, **settings)
     model_dir = work / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    outcome = Trainer(manifest, model_dir, config, SilentReporter(), cache_dir=work.parent / "cache").run()
-    if outcome["status"] != "completed":  # the trainer caught Ctrl-C/SIGTERM: stop the benchmark too
-        sys.exit(f"stopped during {method} seed {seed}; results so far are in accuracy.json")
-    result = score(model_dir, manifest, heads, work)
-    result["train_seconds"] = round(time.time() - started, 1)
+    outcome = Trainer(manifest, model_dir, config, SilentReporter(), cache_dir=cache).run()
+    if outcome["status"] != "completed":
+        raise RuntimeError(f"training stopped ({outcome['status']})")
+    train_seconds = time.time() - started
+    result = score(model_dir, manifest, work)
+    result["train_seconds"] = round(train_seconds, 1)
+    meta = json.loads((model_dir / "model.json").read_text())
+    result["iterations"] = sum(meta["training"]["epochs"].values()) * meta["training"]["iterations_per_epoch"]
+    if meta.get("pseudo_label_quality"):
+        result["pseudo_label_quality"] = meta["pseudo_label_quality"]
     return result
 
 
 def parse_setting(text: str) -> tuple:
-    """KEY=VALUE -> (key, value), the value read as JSON (numbers, lists) or else kept as text."""
+    """KEY=VALUE -> (key, value), the value read as JSON (numbers, lists, true/false) or else kept as text."""
+    from ltuda.train.config import TrainConfig
+
     key, sep, value = text.partition("=")
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"method", "seed", "preset"}  # the benchmark's own
     if not sep or key not in known:
@@ -116,186 +141,258 @@ def parse_setting(text: str) -> tuple:
         return key, value
 
 
-def method_overrides(method: str, preset: str, overrides: dict, equal_iterations: bool) -> dict:
-    """The settings one method trains with; with equal_iterations a one-stage method gets both stages' epochs."""
-    if not equal_iterations or len(METHOD_STAGES[method]) > 1:
-        return overrides
-    config = make_config(preset, **overrides)
-    return {**overrides, "epochs_stage1": config.epochs_stage1 + config.epochs_stage2}
-
-
 def _nanmean(values) -> float:
     """Mean ignoring NaN (an organ predicted empty has no HD95); NaN, quietly, when all are."""
     finite = [v for v in values if not np.isnan(v)]
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def _spread(r) -> str:
-    return f"{r['dice_std']:.3f}" if r["seeds"] > 1 else "n/a (1 seed)"
-
-
 def summarise_seeds(runs: list) -> dict:
-    """Mean and spread over seeds of a list of per-seed results for one head."""
+    """Mean and spread over seeds of the per-seed results of one method."""
     organs = list(runs[0]["per_organ_dice"])
     means = [r["mean_dice"] for r in runs]
     return {
         "mean_dice": float(np.mean(means)),
         "dice_std": float(np.std(means)),
+        "per_seed": means,
         "per_organ_dice": {o: float(np.mean([r["per_organ_dice"][o] for r in runs])) for o in organs},
         "per_organ_dice_std": {o: float(np.std([r["per_organ_dice"][o] for r in runs])) for o in organs},
         "mean_hd95_mm": _nanmean([r["mean_hd95_mm"] for r in runs]),
         "per_organ_hd95_mm": {o: _nanmean([r["per_organ_hd95_mm"][o] for r in runs]) for o in organs},
+        "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
+        "iterations": runs[0]["iterations"],
         "seeds": len(runs),
-        "per_seed_mean_dice": means,
     }
+
+
+def paired_test(a: list, b: list) -> dict:
+    """One-sided paired t-test that a > b over the seeds both have."""
+    from scipy import stats
+
+    n = min(len(a), len(b))
+    gain = float(np.mean(np.subtract(a[:n], b[:n]))) if n else float("nan")
+    if n < 2 or np.allclose(a[:n], b[:n]):
+        return {"seeds": n, "mean_gain": gain, "t": float("nan"), "p_one_sided": float("nan")}
+    t, p = stats.ttest_rel(a[:n], b[:n], alternative="greater")
+    return {"seeds": n, "mean_gain": gain, "t": float(t), "p_one_sided": float(p)}
+
+
+def paired_runs(runs: dict, seeds, a: str, b: str) -> dict:
+    """paired_test of method a against b on the main schedule, over the seeds both finished."""
+    common = [s for s in seeds if s in runs[(None, a)] and s in runs[(None, b)]]
+    return paired_test([runs[(None, a)][s]["mean_dice"] for s in common], [runs[(None, b)][s]["mean_dice"] for s in common])
+
+
+def make_phantoms(work: Path, protocol: str, smoke: bool) -> dict:
+    from ltuda.data.phantoms import generate_phantoms
+
+    folder = work / f"phantoms-{protocol}"
+    if smoke:
+        partial = generate_phantoms(folder, cases_per_site=2, test_cases=1, shape=(48, 48), seed=PHANTOM_SEED,
+                                    layout=protocol)
+    else:
+        partial = generate_phantoms(folder, cases_per_site=10, test_cases=6, shape=(96, 96), seed=PHANTOM_SEED,
+                                    layout=protocol)
+    return {"partial": partial, "full": partial.with_name("dataset_full.json")}
+
+
+def _worker_init():
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def run_tasks(tasks, jobs: int, on_result):
+    """tasks: (key, args for run_one); on_result(key, result) in the main process as each finishes."""
+    if jobs <= 1:
+        for key, args in tasks:
+            on_result(key, run_one(*args))
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
+        futures = {pool.submit(run_one, *args): key for key, args in tasks}
+        for future in concurrent.futures.as_completed(futures):
+            on_result(futures[future], future.result())
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="toy")
     parser.add_argument("--preset", choices=("fast", "paper"), default="fast")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--ablation-seeds", type=int, default=None, help="seeds per ablation point (default: --seeds)")
-    parser.add_argument("--cases-per-site", type=int, default=10)
-    parser.add_argument("--test-cases", type=int, default=6)
-    parser.add_argument("--no-ablations", action="store_true")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
-    parser.add_argument("--equal-iterations", action="store_true",
-                        help="one-stage methods train for stage 1 + stage 2 epochs, as many iterations as LTUDA")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--set", dest="settings", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
                         help="a training setting for every method, e.g. --set epochs_stage1=32 (repeatable)")
-    parser.add_argument("--smoke", action="store_true", help="smallest configuration: one seed, a few iterations")
+    parser.add_argument("--learning-curve", default=None, metavar="FACTORS",
+                        help="e.g. 1,2,4: train labeled-only and ltuda at these multiples of the schedule")
+    parser.add_argument("--jobs", type=int, default=1, help="training processes at once (one thread each)")
+    parser.add_argument("--smoke", action="store_true", help="smallest configuration: a few iterations")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--work", default=None, help="scratch folder (default: OUT/../work/accuracy)")
     args = parser.parse_args(argv)
     requested = args.methods.split(",")
-    methods = {key: METHODS[key] for key in requested if key in METHODS}
     unknown = [key for key in requested if key not in METHODS]
-    if unknown or not methods:
+    if unknown or not requested:
         parser.error(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(METHODS)}")
-    started = time.time()
+    try:
+        factors = [float(f) for f in args.learning_curve.split(",")] if args.learning_curve else []
+    except ValueError:
+        parser.error(f"--learning-curve: expected numbers such as 1,2,4, got {args.learning_curve!r}")
+    if factors:
+        requested = ["labeled-only", "ltuda"]
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / "work" / "accuracy"
     out.mkdir(parents=True, exist_ok=True)
     overrides = {}
     if args.smoke:
-        args.seeds, args.cases_per_site, args.test_cases, args.no_ablations = 1, 2, 1, True
-        overrides = {"epochs_stage1": 1, "epochs_stage2": 1, "iterations_per_epoch": 2, "image_size": 32, "batch_size": 2}
-    settings = dict(args.settings)
-    overrides.update(settings)
-    ablation_seeds = args.ablation_seeds or args.seeds
-    phantoms = generate_phantoms(work / "phantoms", cases_per_site=args.cases_per_site, test_cases=args.test_cases,
-                                 shape=(48, 48) if args.smoke else (96, 96), seed=1000)
-    variants = {"partial": phantoms, "full": phantoms.with_name("dataset_full.json")}
+        overrides = {"epochs_stage1": 1, "epochs_stage2": 1, "iterations_per_epoch": 2, "image_size": 32,
+                     "batch_size": 2, "pseudo_rampup_epochs": 0}
+    overrides.update(dict(args.settings))
+    phantoms = make_phantoms(work, args.protocol, args.smoke)
+    seeds = [FIRST_SEED + i for i in range(args.seeds)]
     command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = {"command": command.strip(), "preset": args.preset, "seeds": args.seeds, "ablation_seeds": ablation_seeds,
-               "settings": settings, "equal_iterations": args.equal_iterations,
-               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-               "methods": {}, "heads": {}, "ablations": {}}
-    flat = results["methods"]
+    results_path = out / "accuracy.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results.setdefault("protocols", {})
+    results.setdefault("learning_curve", {})
+    started = time.time()
+
+    points = factors or [None]
+    runs = {(factor, key): {} for factor in points for key in requested}
+    tasks = []
+    for seed in seeds:  # seeds outside, methods inside: a stopped run has every method on the same seeds
+        for factor in points:
+            for key in requested:
+                schedule = scaled_schedule(args.preset, overrides, factor or 1)
+                method, variant, settings = method_settings(key, args.preset, schedule)
+                folder = work / args.protocol / (f"x{factor:g}" if factor else "main") / key / f"seed{seed}"
+                tasks.append(((factor, key, seed),
+                              (phantoms[variant], method, seed, args.preset, settings, folder, work / "cache")))
+
+    def record(task_key, result):
+        factor, key, seed = task_key
+        runs[(factor, key)][seed] = result
+        print(f"{args.protocol} {'x%g ' % factor if factor else ''}{key:<22} seed {seed}: {result['mean_dice']:.3f} "
+              f"({result['train_seconds']} s)", flush=True)
+        save(complete=False)
 
     def save(complete: bool):
-        """Written after every seed and ablation point, so a stopped run keeps what it measured."""
-        results["complete"] = complete
-        results["seconds"] = round(time.time() - started, 1)
-        results.update(flat)  # per method key at the top level, as documented
-        (out / "accuracy.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+        done = lambda factor, key: [runs[(factor, key)][s] for s in seeds if s in runs[(factor, key)]]  # noqa: E731
+        if factors:
+            curve = results["learning_curve"].setdefault(args.protocol, {})
+            for factor in factors:
+                point = {key: summarise_seeds(done(factor, key))["mean_dice"] for key in requested if done(factor, key)}
+                if point:
+                    point["seeds"] = min(len(done(factor, key)) for key in requested)
+                    point["iterations"] = {k: done(factor, k)[0]["iterations"] for k in requested if done(factor, k)}
+                    curve[f"{factor:g}"] = point
+            curve["command"] = command.strip()
+        else:
+            methods = {key: summarise_seeds(done(None, key)) for key in requested if done(None, key)}
+            for key, summary in methods.items():  # the teacher diagnostics, per seed, for the plots
+                quality = [r.get("pseudo_label_quality") for r in done(None, key)]
+                if any(quality):
+                    summary["pseudo_label_quality"] = quality
+            entry = {"command": command.strip(), "preset": args.preset, "seeds": seeds,
+                     "settings": overrides, "equal_iterations": True, "methods": methods,
+                     "complete": complete, "seconds": round(time.time() - started, 1),
+                     "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                 "jobs": args.jobs}}
+            if "ltuda" in methods:
+                entry["paired_tests"] = {f"ltuda_vs_{k}": paired_runs(runs, seeds, "ltuda", k)
+                                         for k in ("labeled-only", "cda") if k in methods}
+            previous = results["protocols"].get(args.protocol, {})
+            if previous.get("site_gap_labeled_only") is not None:
+                entry["site_gap_labeled_only"] = previous["site_gap_labeled_only"]
+            results["protocols"][args.protocol] = entry
+        tmp = results_path.with_name("accuracy.json.tmp")
+        tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
+        os.replace(tmp, results_path)
         (out / "accuracy.md").write_text(render_markdown(results))
 
-    # Seeds outside, methods inside: whenever the run stops, every method has the same seeds so far.
-    per_method = {key: {h: [] for h in (("auto",) + HEADS if method == "ltuda" else ("auto",))}
-                  for key, (method, _) in methods.items()}
-    for seed in range(args.seeds):
-        for key, (method, variant) in methods.items():
-            # LTUDA: every head, and "auto" (the head that validated best, what a user gets by default)
-            heads = tuple(per_method[key])
-            trained_with = method_overrides(method, args.preset, overrides, args.equal_iterations)
-            r = run_one(variants[variant], method, 43 + seed, args.preset, trained_with, work / key / f"seed{seed}", heads)
-            for h in heads:
-                per_method[key][h].append(r[h])
-            print(f"{key:<20} seed {seed}: " + ", ".join(f"{h} {r[h]['mean_dice']:.3f}" for h in heads)
-                  + f" ({r['train_seconds']} s)", flush=True)
-            summaries = {h: summarise_seeds(v) for h, v in per_method[key].items()}
-            if method == "ltuda":
-                results["heads"] = summaries
-            flat[key] = summaries["auto"]
-        results["seeds_done"] = seed + 1
-        save(complete=False)
-    ltuda_runs = per_method["ltuda"]["auto"] if "ltuda" in methods else []
-    if not args.no_ablations:
-        default = make_config(args.preset, **overrides)
-        for name, values, used, build in (
-            ("prototypes", (1, 3, 5, 10), default.prototypes, lambda v: (phantoms, {"prototypes": v})),
-            ("strong_views", (1, 2, 3), default.strong_views, lambda v: (phantoms, {"strong_views": v})),
-            ("labeled_cases_per_organ", (3, 5, 10), args.cases_per_site, lambda v: (subset_manifest(phantoms, v), {})),
-        ):
-            results["ablations"][name] = {}
-            for v in values:
-                if v == used and len(ltuda_runs) >= ablation_seeds:  # the LTUDA row above is this point
-                    runs = ltuda_runs[:ablation_seeds]
-                else:
-                    manifest_path, extra = build(v)
-                    runs = [run_one(manifest_path, "ltuda", 43 + s, args.preset, {**overrides, **extra},
-                                    work / f"ablation_{name}_{v}" / f"seed{s}")["auto"]
-                            for s in range(ablation_seeds)]
-                results["ablations"][name][str(v)] = summarise_seeds(runs)
-                print(f"ablation {name}={v}: {results['ablations'][name][str(v)]['mean_dice']:.3f}", flush=True)
-                save(complete=False)
+    run_tasks(tasks, args.jobs, record)
     save(complete=True)
-    plot(flat, out / "accuracy.png")
+    plot(results, out / "accuracy.png")
     print(render_markdown(results))
 
 
+def _fmt(value, digits=3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+
+
 def render_markdown(results) -> str:
-    methods = results["methods"]
-    organs = list(next(iter(methods.values()))["per_organ_dice"])
     lines = ["# Accuracy benchmark (partially labelled phantoms)", "",
-             f"Command: `{results['command']}`  ",
-             f"Preset: {results['preset']}, seeds: {results.get('seeds_done', 0)} of {results['seeds']} done "
-             + (f"(ablations: {results.get('ablation_seeds')} seed(s) each)  " if results.get("ablations")
-                else "(no ablations)  "),
-             f"Machine: {results['machine']}  ",
-             f"Settings changed for every method: {results.get('settings') or 'none'}; one-stage methods train for "
-             + ("stage 1 + stage 2 epochs (equal iterations)" if results.get("equal_iterations") else
-                "stage 1 epochs (each method's preset schedule)") + "  ",
-             f"Duration: {results['seconds']} s" + ("" if results.get("complete") else " (INCOMPLETE: still running or stopped)"),
-             "",
-             "Test set: a fifth, fully labelled site. Dice is 3D, mean over test cases then seeds (spread = std "
-             "over seeds); HD95 in mm.", "",
-             "| method | mean Dice | spread | " + " | ".join(organs) + " | mean HD95 (mm) |",
-             "|---|---|---|" + "---|" * len(organs) + "---|"]
-    for key, r in methods.items():
-        lines.append(f"| {key} | {r['mean_dice']:.3f} | {_spread(r)} | "
-                     + " | ".join(f"{r['per_organ_dice'][o]:.3f}" for o in organs) + f" | {r['mean_hd95_mm']:.1f} |")
-    if results.get("heads"):
-        lines += ["", "LTUDA by head (auto = the head that validated best, the default):", "",
-                  "| head | mean Dice | spread |", "|---|---|---|"]
-        for head, r in results["heads"].items():
-            lines.append(f"| {head} | {r['mean_dice']:.3f} | {_spread(r)} |")
-    for name, rows in results.get("ablations", {}).items():
-        lines += ["", f"Ablation: {name} (LTUDA, best-validating head)", "", "| value | mean Dice | spread |",
-                  "|---|---|---|"]
-        for value, r in rows.items():
-            lines.append(f"| {value} | {r['mean_dice']:.3f} | {_spread(r)} |")
+             "Every method trains the same number of iterations with the same network and seeds. Dice is 3D on the "
+             "fully labelled test cases, mean over cases then seeds (spread = std over seeds); HD95 in mm.", ""]
+    for protocol, entry in results.get("protocols", {}).items():
+        methods = entry["methods"]
+        if not methods:
+            continue
+        organs = list(next(iter(methods.values()))["per_organ_dice"])
+        lines += [f"## Protocol: {protocol}" + ("" if entry.get("complete") else " (INCOMPLETE: running or stopped)"),
+                  "", f"Command: `{entry['command']}`  ",
+                  f"Preset: {entry['preset']}; seeds {entry['seeds']}; settings for every method: "
+                  f"{entry.get('settings') or 'none'}; duration {entry['seconds']} s on {entry['machine']}", ""]
+        if entry.get("site_gap_labeled_only") is not None:
+            lines += [f"Site gap of labelled-only (own site minus other sites): {entry['site_gap_labeled_only']:.3f}", ""]
+        lines += ["| method | mean Dice | spread | per seed | " + " | ".join(organs)
+                  + " | mean HD95 (mm) | iterations | train s |",
+                  "|---|---|---|---|" + "---|" * len(organs) + "---|---|---|"]
+        for key, r in methods.items():
+            spread = _fmt(r["dice_std"]) if r["seeds"] > 1 else "n/a (1 seed)"
+            lines.append(f"| {key} | {r['mean_dice']:.3f} | {spread} | " + " ".join(f"{d:.3f}" for d in r["per_seed"])
+                         + " | " + " | ".join(f"{r['per_organ_dice'][o]:.3f}" for o in organs)
+                         + f" | {_fmt(r['mean_hd95_mm'], 1)} | {r['iterations']} | {r['train_seconds']:.0f} |")
+        for name, test in entry.get("paired_tests", {}).items():
+            lines.append(f"\n{name.replace('_', ' ')}: mean gain {_fmt(test['mean_gain'])} over {test['seeds']} paired "
+                         f"seeds, one-sided paired t-test p = {_fmt(test['p_one_sided'], 4)}")
+        lines.append("")
+    for protocol, curve in results.get("learning_curve", {}).items():
+        lines += [f"## Learning curve: {protocol}", "", f"Command: `{curve.get('command', '')}`", "",
+                  "| schedule | labelled-only | LTUDA | LTUDA - labelled-only | seeds | iterations |",
+                  "|---|---|---|---|---|---|"]
+        for factor, point in curve.items():
+            if factor == "command":
+                continue
+            lo, lt = point.get("labeled-only"), point.get("ltuda")
+            gap = lt - lo if lo is not None and lt is not None else None
+            lines.append(f"| x{factor} | {_fmt(lo)} | {_fmt(lt)} | {_fmt(gap)} | {point['seeds']} | "
+                         f"{point.get('iterations', {}).get('ltuda', '')} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
-def plot(methods: dict, path: Path):
+def plot(results: dict, path: Path):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:  # optional: the tables carry the same numbers
         return
-    keys = list(methods)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(keys, [methods[k]["mean_dice"] for k in keys], yerr=[methods[k]["dice_std"] for k in keys], capsize=4,
-           color=["#888888"] * (len(keys) - 1) + ["#d35f3c"])
-    ax.set_ylabel("mean 3D Dice (test site)")
-    ax.set_ylim(0, 1)
-    ax.set_title("Partially labelled phantoms: LTUDA vs alternatives")
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    protocols = [(p, e) for p, e in results.get("protocols", {}).items() if e["methods"]]
+    curves = list(results.get("learning_curve", {}).items())
+    panels = len(protocols) + len(curves)
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.8), squeeze=False)
+    for ax, (protocol, entry) in zip(axes[0], protocols):
+        keys = list(entry["methods"])
+        ax.bar(keys, [entry["methods"][k]["mean_dice"] for k in keys],
+               yerr=[entry["methods"][k]["dice_std"] for k in keys], capsize=4,
+               color=["#d35f3c" if k == "ltuda" else "#888888" for k in keys])
+        ax.set_ylabel("mean 3D Dice (test cases)")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{protocol}: equal iterations, {len(entry['seeds'])} seeds")
+        plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
+    for ax, (protocol, curve) in zip(axes[0][len(protocols):], curves):
+        factors = sorted((k for k in curve if k != "command"), key=float)
+        for key, colour in (("labeled-only", "#888888"), ("ltuda", "#d35f3c")):
+            xs = [float(f) for f in factors if key in curve[f]]
+            ax.plot(xs, [curve[f][key] for f in factors if key in curve[f]], "o-", color=colour, label=key)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("schedule (x fast preset)")
+        ax.set_ylabel("mean 3D Dice")
+        ax.set_title(f"learning curve: {protocol}")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
