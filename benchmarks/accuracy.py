@@ -177,10 +177,12 @@ def paired_test(a: list, b: list) -> dict:
     return {"seeds": n, "mean_gain": gain, "t": float(t), "p_one_sided": float(p)}
 
 
-def paired_runs(runs: dict, seeds, a: str, b: str) -> dict:
-    """paired_test of method a against b on the main schedule, over the seeds both finished."""
-    common = [s for s in seeds if s in runs[(None, a)] and s in runs[(None, b)]]
-    return paired_test([runs[(None, a)][s]["mean_dice"] for s in common], [runs[(None, b)][s]["mean_dice"] for s in common])
+def paired_methods(a: dict, b: dict) -> dict:
+    """paired_test of method summary a against b over the seeds both finished."""
+    first = dict(zip(a["seeds_done"], a["per_seed"]))
+    second = dict(zip(b["seeds_done"], b["per_seed"]))
+    common = [s for s in first if s in second]
+    return paired_test([first[s] for s in common], [second[s] for s in common])
 
 
 def make_phantoms(work: Path, protocol: str, smoke: bool) -> dict:
@@ -254,7 +256,6 @@ def main(argv=None):
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results.setdefault("protocols", {})
     results.setdefault("learning_curve", {})
-    started = time.time()
 
     points = factors or [None]
     runs = {(factor, key): {} for factor in points for key in requested}
@@ -287,20 +288,28 @@ def main(argv=None):
                     curve[f"{factor:g}"] = point
             curve["command"] = command.strip()
         else:
-            methods = {key: summarise_seeds(done(None, key)) for key in requested if done(None, key)}
-            for key, summary in methods.items():  # the teacher diagnostics, per seed, for the plots
+            methods = {}
+            for key in requested:
+                if not done(None, key):
+                    continue
+                methods[key] = summary = summarise_seeds(done(None, key))
+                summary["seeds_done"] = [s for s in seeds if s in runs[(None, key)]]
+                summary["command"] = command.strip()
                 quality = [r.get("pseudo_label_quality") for r in done(None, key)]
-                if any(quality):
+                if any(quality):  # the teacher diagnostics, per seed, for the plots
                     summary["pseudo_label_quality"] = quality
-            entry = {"command": command.strip(), "preset": args.preset, "seeds": seeds,
-                     "settings": overrides, "equal_iterations": True, "methods": methods,
-                     "complete": complete, "seconds": round(time.time() - started, 1),
+            previous = results["protocols"].get(args.protocol, {})
+            same_experiment = previous.get("preset") == args.preset and previous.get("settings") == overrides
+            if same_experiment:  # methods run by another invocation with the same settings stay
+                methods = {**{k: v for k, v in previous.get("methods", {}).items() if k not in methods}, **methods}
+            entry = {"preset": args.preset, "seeds": seeds, "settings": overrides, "equal_iterations": True,
+                     "methods": methods, "complete": complete and all(m["seeds"] == len(seeds) for m in methods.values()),
+                     "commands": sorted({m["command"] for m in methods.values()}),
                      "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                  "jobs": args.jobs}}
             if "ltuda" in methods:
-                entry["paired_tests"] = {f"ltuda_vs_{k}": paired_runs(runs, seeds, "ltuda", k)
+                entry["paired_tests"] = {f"ltuda_vs_{k}": paired_methods(methods["ltuda"], methods[k])
                                          for k in ("labeled-only", "cda") if k in methods}
-            previous = results["protocols"].get(args.protocol, {})
             if previous.get("site_gap_labeled_only") is not None:
                 entry["site_gap_labeled_only"] = previous["site_gap_labeled_only"]
             results["protocols"][args.protocol] = entry
@@ -329,9 +338,9 @@ def render_markdown(results) -> str:
             continue
         organs = list(next(iter(methods.values()))["per_organ_dice"])
         lines += [f"## Protocol: {protocol}" + ("" if entry.get("complete") else " (INCOMPLETE: running or stopped)"),
-                  "", f"Command: `{entry['command']}`  ",
+                  "", "Commands: " + ", ".join(f"`{c}`" for c in entry["commands"]) + "  ",
                   f"Preset: {entry['preset']}; seeds {entry['seeds']}; settings for every method: "
-                  f"{entry.get('settings') or 'none'}; duration {entry['seconds']} s on {entry['machine']}", ""]
+                  f"{entry.get('settings') or 'none'}; machine {entry['machine']}", ""]
         if entry.get("site_gap_labeled_only") is not None:
             lines += [f"Site gap of labelled-only (own site minus other sites): {entry['site_gap_labeled_only']:.3f}", ""]
         lines += ["| method | mean Dice | spread | per seed | " + " | ".join(organs)
@@ -339,7 +348,8 @@ def render_markdown(results) -> str:
                   "|---|---|---|---|" + "---|" * len(organs) + "---|---|---|"]
         for key, r in methods.items():
             spread = _fmt(r["dice_std"]) if r["seeds"] > 1 else "n/a (1 seed)"
-            lines.append(f"| {key} | {r['mean_dice']:.3f} | {spread} | " + " ".join(f"{d:.3f}" for d in r["per_seed"])
+            lines.append(f"| {key} | {r['mean_dice']:.3f} | {spread} | "
+                         + " ".join(f"{d:.3f} ({s})" for s, d in zip(r["seeds_done"], r["per_seed"]))
                          + " | " + " | ".join(f"{r['per_organ_dice'][o]:.3f}" for o in organs)
                          + f" | {_fmt(r['mean_hd95_mm'], 1)} | {r['iterations']} | {r['train_seconds']:.0f} |")
         for name, test in entry.get("paired_tests", {}).items():
