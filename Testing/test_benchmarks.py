@@ -58,3 +58,14 @@ def test_accuracy_benchmark_rejects_unknown_methods_and_settings(tmp_path):
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_accuracy_benchmark_measures_the_multi_site_gap(tmp_path):
+    result = _run(tmp_path, "--seeds", "1", "--protocol", "multi-site", "--site-gap")
+    assert result.returncode == 0, result.stderr[-3000:]
+    entry = json.loads((tmp_path / "results" / "accuracy.json").read_text())["protocols"]["multi-site"]
+    gap = entry["site_gap"]
+    assert set(gap["per_organ"]) == {"liver", "spleen", "kidney", "pancreas"}
+    for organ, value in gap["per_organ"].items():
+        assert abs(value - (gap["own_site"][organ] - gap["other_sites"][organ])) < 1e-9
+    assert entry["site_gap_labeled_only"] == gap["gap"] and set(entry["methods"]) == {"labeled-only"}

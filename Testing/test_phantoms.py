@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from ltuda.data.phantoms import SITES, TEST_SITE, TISSUES, generate_phantoms
 from ltuda.data.preprocess import Preprocessing, load_case
 from ltuda.errors import LtudaError
-from ltuda.manifest import load_manifest
+from ltuda.manifest import load_manifest, parse_manifest
 
 ORGANS = ("liver", "spleen", "kidney", "pancreas")
 OFFSET = {site.name: site.offset for site in SITES + (TEST_SITE,)}
@@ -192,7 +192,8 @@ def test_sites_differ(partial):
     assert len({s.thickness for s in sites}) >= 3
     assert len({s.fov for s in sites}) >= 3 and len({s.offset for s in sites}) >= 3
     for site in sites:  # both phases occur at every site (by case), so no organ is seen in one phase only
-        assert site.phase == "alternating"
+        assert site.phase == "alternating" or (site.phase == "mixed" and 0 < site.contrast_share < 1)
+    assert len({s.contrast_share for s in SITES}) >= 3 and len({s.kernel for s in SITES}) >= 3
     for name in ("liver", "spleen", "kidney", "pancreas"):
         assert {c.extra["phase"] for c in partial.cases if c.extra["site"] == name} <= {"contrast", "native"}
     spacings = {c.extra["site"]: read(c.image)[0].GetSpacing() for c in partial.cases}
@@ -218,6 +219,18 @@ def test_training_cases_point_to_their_full_labels(partial, full):
         assert case.label_full == by_id[case.id].label and case.label_full.is_file()
         assert "label_full" not in case.extra
     assert all(c.label_full is None for c in partial.split("test"))
+
+
+def test_held_out_cases_are_fully_labelled_and_not_for_training(tmp_path):
+    path = generate_phantoms(tmp_path, cases_per_site=1, test_cases=1, shape=(32, 32), holdout_per_site=2)
+    holdout, problems = parse_manifest(path.with_name("dataset_holdout.json"))
+    assert len(problems) == 1 and "no training cases" in problems[0]  # for evaluation only
+    assert sorted(c.id for c in holdout.cases) == sorted(f"{s.name}_{i:03d}" for s in SITES for i in (1, 2))
+    assert all(c.split == "test" and len(c.labeled) == 4 for c in holdout.cases)
+    training_ids = {c.id for c in load_manifest(path).cases}
+    assert not training_ids & {c.id for c in holdout.cases}
+    for case in holdout.cases:  # every organ is in the label
+        assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(case.label))))) == {0, 1, 2, 3, 4}
 
 
 def test_progress_is_reported(phantoms):

@@ -79,28 +79,66 @@ def method_settings(key: str, preset: str, overrides: dict) -> tuple:
     return method, variant, settings
 
 
-def score(model_dir: Path, manifest, work: Path) -> dict:
-    """Mean Dice, per-organ Dice and HD95 of the default head on the fully labelled test cases."""
-    from ltuda.evaluate import evaluate_case, summarise
+def evaluate_cases(predictor, cases, classes, work: Path) -> list:
+    """evaluate_case of the predictor's segmentation of each case (3D Dice and HD95 per organ)."""
+    from ltuda.evaluate import evaluate_case
     from ltuda.io.segnrrd import write_seg_nrrd
     from ltuda.io.volumes import read_image
+
+    scores = []
+    for case in cases:
+        image = read_image(case.image)
+        pred = work / f"{case.id}.seg.nrrd"
+        write_seg_nrrd(pred, predictor.segment(image), image, classes)
+        scores.append(evaluate_case(pred, case.label, classes, truth_value_map=case.value_map))
+    return scores
+
+
+def site_dice(predictor, holdout_path: Path, work: Path) -> dict:
+    """{site: {organ: mean Dice}} on the held-out, fully labelled cases of each training site."""
+    from ltuda.evaluate import summarise
+    from ltuda.manifest import parse_manifest
+
+    holdout, _ = parse_manifest(holdout_path)  # evaluation cases only: "no training cases" is expected
+    by_site = {}
+    for case in holdout.cases:
+        by_site.setdefault(case.extra["site"], []).append(case)
+    return {site: {n: m["dice"] for n, m in summarise(evaluate_cases(predictor, cases, holdout.classes, work),
+                                                       holdout.classes)["mean"].items()}
+            for site, cases in by_site.items()}
+
+
+def site_gap(runs: list) -> dict:
+    """Labelled-only's own-site minus other-site Dice, per organ and mean (the site that labels an organ
+    is the site of the same name), averaged over seeds."""
+    organs = list(runs[0]["site_dice"])
+    own = {o: float(np.mean([r["site_dice"][o][o] for r in runs])) for o in organs}
+    other = {o: float(np.mean([np.mean([r["site_dice"][s][o] for s in organs if s != o]) for r in runs]))
+             for o in organs}
+    gaps = {o: own[o] - other[o] for o in organs}
+    return {"gap": float(np.mean(list(gaps.values()))), "per_organ": gaps, "own_site": own, "other_sites": other,
+            "seeds": len(runs)}
+
+
+def score(model_dir: Path, manifest, work: Path, holdout: Path = None) -> dict:
+    """Mean Dice, per-organ Dice and HD95 of the default head on the fully labelled test cases; with
+    `holdout`, also the Dice on each training site's held-out cases."""
+    from ltuda.evaluate import summarise
     from ltuda.predict import Predictor
 
     predictor = Predictor(model_dir, head="auto", device="auto")
-    cases = []
-    for case in manifest.split("test"):
-        image = read_image(case.image)
-        pred = work / f"{case.id}.seg.nrrd"
-        write_seg_nrrd(pred, predictor.segment(image), image, manifest.classes)
-        cases.append(evaluate_case(pred, case.label, manifest.classes, truth_value_map=case.value_map))
+    cases = evaluate_cases(predictor, manifest.split("test"), manifest.classes, work)
     mean = summarise(cases, manifest.classes)["mean"]
     dice = {n: m["dice"] for n, m in mean.items()}
     hd95 = {n: m["hd95_mm"] for n, m in mean.items()}
-    return {"mean_dice": _nanmean(list(dice.values())), "per_organ_dice": dice, "per_organ_hd95_mm": hd95,
-            "mean_hd95_mm": _nanmean(list(hd95.values())), "head": predictor.head}
+    result = {"mean_dice": _nanmean(list(dice.values())), "per_organ_dice": dice, "per_organ_hd95_mm": hd95,
+              "mean_hd95_mm": _nanmean(list(hd95.values())), "head": predictor.head}
+    if holdout is not None:
+        result["site_dice"] = site_dice(predictor, holdout, work)
+    return result
 
 
-def run_one(manifest_path, method, seed, preset, settings, work: Path, cache: Path) -> dict:
+def run_one(manifest_path, method, seed, preset, settings, work: Path, cache: Path, holdout: Path = None) -> dict:
     """Train one model and score it; runs in a worker process."""
     import torch
     from ltuda.manifest import load_manifest
@@ -118,7 +156,7 @@ def run_one(manifest_path, method, seed, preset, settings, work: Path, cache: Pa
     if outcome["status"] != "completed":
         raise RuntimeError(f"training stopped ({outcome['status']})")
     train_seconds = time.time() - started
-    result = score(model_dir, manifest, work)
+    result = score(model_dir, manifest, work, holdout)
     result["train_seconds"] = round(train_seconds, 1)
     meta = json.loads((model_dir / "model.json").read_text())
     result["iterations"] = sum(meta["training"]["epochs"].values()) * meta["training"]["iterations_per_epoch"]
@@ -189,13 +227,11 @@ def make_phantoms(work: Path, protocol: str, smoke: bool) -> dict:
     from ltuda.data.phantoms import generate_phantoms
 
     folder = work / f"phantoms-{protocol}"
-    if smoke:
-        partial = generate_phantoms(folder, cases_per_site=2, test_cases=1, shape=(48, 48), seed=PHANTOM_SEED,
-                                    layout=protocol)
-    else:
-        partial = generate_phantoms(folder, cases_per_site=10, test_cases=6, shape=(96, 96), seed=PHANTOM_SEED,
-                                    layout=protocol)
-    return {"partial": partial, "full": partial.with_name("dataset_full.json")}
+    size = dict(cases_per_site=2, test_cases=1, shape=(48, 48), holdout_per_site=1) if smoke else \
+        dict(cases_per_site=10, test_cases=6, shape=(96, 96), holdout_per_site=4)
+    partial = generate_phantoms(folder, seed=PHANTOM_SEED, layout=protocol, **size)
+    return {"partial": partial, "full": partial.with_name("dataset_full.json"),
+            "holdout": partial.with_name("dataset_holdout.json")}
 
 
 def _worker_init():
@@ -226,6 +262,9 @@ def main(argv=None):
                         help="a training setting for every method, e.g. --set epochs_stage1=32 (repeatable)")
     parser.add_argument("--learning-curve", default=None, metavar="FACTORS",
                         help="e.g. 1,2,4: train labeled-only and ltuda at these multiples of the schedule")
+    parser.add_argument("--site-gap", action="store_true",
+                        help="measure the protocol's site gap: labelled-only's Dice on held-out cases of the site "
+                             "that labels each organ minus the other sites'")
     parser.add_argument("--jobs", type=int, default=1, help="training processes at once (one thread each)")
     parser.add_argument("--smoke", action="store_true", help="smallest configuration: a few iterations")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -241,6 +280,8 @@ def main(argv=None):
         parser.error(f"--learning-curve: expected numbers such as 1,2,4, got {args.learning_curve!r}")
     if factors:
         requested = ["labeled-only", "ltuda"]
+    if args.site_gap:
+        requested = ["labeled-only"]
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / "work" / "accuracy"
     out.mkdir(parents=True, exist_ok=True)
@@ -266,8 +307,9 @@ def main(argv=None):
                 schedule = scaled_schedule(args.preset, overrides, factor or 1)
                 method, variant, settings = method_settings(key, args.preset, schedule)
                 folder = work / args.protocol / (f"x{factor:g}" if factor else "main") / key / f"seed{seed}"
-                tasks.append(((factor, key, seed),
-                              (phantoms[variant], method, seed, args.preset, settings, folder, work / "cache")))
+                holdout = phantoms["holdout"] if args.site_gap else None
+                tasks.append(((factor, key, seed), (phantoms[variant], method, seed, args.preset, settings, folder,
+                                                    work / "cache", holdout)))
 
     def record(task_key, result):
         factor, key, seed = task_key
@@ -310,8 +352,12 @@ def main(argv=None):
             if "ltuda" in methods:
                 entry["paired_tests"] = {f"ltuda_vs_{k}": paired_methods(methods["ltuda"], methods[k])
                                          for k in ("labeled-only", "cda") if k in methods}
-            if previous.get("site_gap_labeled_only") is not None:
-                entry["site_gap_labeled_only"] = previous["site_gap_labeled_only"]
+            if args.site_gap:
+                entry["site_gap"] = site_gap(done(None, "labeled-only"))
+            elif previous.get("site_gap") and same_experiment:
+                entry["site_gap"] = previous["site_gap"]
+            if entry.get("site_gap"):
+                entry["site_gap_labeled_only"] = entry["site_gap"]["gap"]
             results["protocols"][args.protocol] = entry
         tmp = results_path.with_name("accuracy.json.tmp")
         tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
@@ -341,8 +387,12 @@ def render_markdown(results) -> str:
                   "", "Commands: " + ", ".join(f"`{c}`" for c in entry["commands"]) + "  ",
                   f"Preset: {entry['preset']}; seeds {entry['seeds']}; settings for every method: "
                   f"{entry.get('settings') or 'none'}; machine {entry['machine']}", ""]
-        if entry.get("site_gap_labeled_only") is not None:
-            lines += [f"Site gap of labelled-only (own site minus other sites): {entry['site_gap_labeled_only']:.3f}", ""]
+        if entry.get("site_gap"):
+            gap = entry["site_gap"]
+            lines += [f"Site gap of labelled-only (Dice on held-out cases of the site that labels the organ minus "
+                      f"the other sites', {gap['seeds']} seed(s)): {gap['gap']:.3f}; per organ "
+                      + ", ".join(f"{o} {gap['own_site'][o]:.3f}/{gap['other_sites'][o]:.3f}" for o in gap["per_organ"]),
+                      ""]
         lines += ["| method | mean Dice | spread | per seed | " + " | ".join(organs)
                   + " | mean HD95 (mm) | iterations | train s |",
                   "|---|---|---|---|" + "---|" * len(organs) + "---|---|---|"]

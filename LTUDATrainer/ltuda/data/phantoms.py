@@ -76,7 +76,7 @@ class Site:
 
     name: str
     organ: str  # the one organ it labels; "all" for the fully labelled test site
-    phase: str  # "contrast" (portal venous), "native", or "alternating" (by case)
+    phase: str  # "contrast" (portal venous), "native", "alternating" (by case) or "mixed" (contrast_share)
     thickness: float  # slice thickness = spacing, mm
     fov: float  # in-plane field of view, mm (spacing = fov / size)
     noise: float  # sd of the scanner noise, HU
@@ -84,17 +84,26 @@ class Site:
     table_z: float  # physical z of the anatomy's w = 0, mm
     label_values: dict = field(default_factory=dict)  # part -> value written in the label file
     value_map: dict = field(default_factory=dict)  # value in the file -> class name or "background"
+    contrast_share: float = 0.5  # phase "mixed": the share of portal-venous cases
+    kernel: float = 0.7  # in-plane correlation of the noise, voxels (reconstruction kernel: small = sharp)
 
 
-# Every site scans both phases (by case), as hospital datasets mix protocols: an organ labelled in
-# one phase only would make its other-phase appearance unlearnable for every method alike.
+# Sites differ as public datasets do: protocol (the share of contrast-enhanced cases), reconstruction
+# kernel and noise, calibration, slice thickness and field of view. Every site scans both phases
+# (in its own mix), so no organ is seen labelled in one phase only.
 SITES = (
-    Site("liver", "liver", "alternating", 2.5, 380.0, 14.0, 20.0, -260.0,
-         {LIVER: 1, LIVER_TUMOUR: 2}, {1: "liver", 2: "liver"}),
-    Site("spleen", "spleen", "alternating", 5.0, 420.0, 9.0, -15.0, 110.0, {SPLEEN: 1}, {1: "spleen"}),
-    Site("kidney", "kidney", "alternating", 3.0, 350.0, 17.0, 30.0, -480.0,
-         {KIDNEY: 1, KIDNEY_TUMOUR: 2}, {1: "kidney", 2: "background"}),
-    Site("pancreas", "pancreas", "alternating", 2.0, 360.0, 15.0, -25.0, 40.0, {PANCREAS: 1}, {1: "pancreas"}),
+    # LiTS-like: mostly portal venous, sharp kernel
+    Site("liver", "liver", "mixed", 2.5, 380.0, 14.0, 20.0, -260.0,
+         {LIVER: 1, LIVER_TUMOUR: 2}, {1: "liver", 2: "liver"}, contrast_share=0.8, kernel=0.45),
+    # MSD-spleen-like: portal venous, thick slices, smooth kernel
+    Site("spleen", "spleen", "mixed", 5.0, 420.0, 9.0, -15.0, 110.0, {SPLEEN: 1}, {1: "spleen"},
+         contrast_share=0.9, kernel=1.3),
+    # a urology protocol: mostly native (stone search), noisy low-dose scans
+    Site("kidney", "kidney", "mixed", 3.0, 350.0, 17.0, 30.0, -480.0,
+         {KIDNEY: 1, KIDNEY_TUMOUR: 2}, {1: "kidney", 2: "background"}, contrast_share=0.2, kernel=0.7),
+    # NIH-pancreas-like: portal venous, thin slices
+    Site("pancreas", "pancreas", "mixed", 2.0, 360.0, 15.0, -25.0, 40.0, {PANCREAS: 1}, {1: "pancreas"},
+         contrast_share=0.9, kernel=0.6),
 )
 TEST_SITE = Site("test", "all", "alternating", 4.0, 400.0, 11.0, 10.0, -150.0, FULL_VALUES, FULL_VALUE_MAP)
 LAYOUTS = ("multi-site", "toy")
@@ -108,7 +117,8 @@ def sites_for(layout: str):
         return SITES, TEST_SITE
     if layout != "toy":
         raise LtudaError(f"unknown phantom layout {layout!r}", fix=f"Choose one of: {', '.join(LAYOUTS)}.")
-    acquisition = {k: getattr(TEST_SITE, k) for k in ("phase", "thickness", "fov", "noise", "offset", "table_z")}
+    acquisition = {k: getattr(TEST_SITE, k) for k in ("phase", "thickness", "fov", "noise", "offset", "table_z",
+                                                      "contrast_share", "kernel")}
     return tuple(replace(site, **acquisition) for site in SITES), TEST_SITE
 
 
@@ -703,7 +713,7 @@ def render_hu(canvas: Canvas, phantom: Phantom, rng, site: Site, phase: str) -> 
     hu += 3.0 * smooth_field(rng, shape, voxel, 150.0)  # scanner shading
     # Partial volume: about a voxel's worth of mixing in-plane and over the slice profile.
     hu = blur(hu, (0.35, 0.4, 0.4))
-    noise = blur(rng.standard_normal(shape, dtype=np.float32), (0.0, 0.7, 0.7))
+    noise = blur(rng.standard_normal(shape, dtype=np.float32), (0.0, site.kernel, site.kernel))
     hu += noise * (site.noise / float(noise.std()))
     hu += site.offset
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
@@ -750,6 +760,8 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: Path):
 def case_phase(site: Site, index: int) -> str:
     if site.phase == "alternating":
         return "contrast" if index % 2 == 0 else "native"
+    if site.phase == "mixed":  # a low-discrepancy sequence: every run of cases keeps close to the share
+        return "contrast" if ((index + 0.5) * 0.6180339887) % 1.0 < site.contrast_share else "native"
     return site.phase
 
 
@@ -764,7 +776,7 @@ def _check_arguments(cases_per_site, test_cases, shape):
 
 
 def generate_phantoms(out_dir, cases_per_site: int = 4, test_cases: int = 4, shape=(96, 96), seed: int = 0,
-                      full_labels: bool = True, report=None, layout: str = "multi-site") -> Path:
+                      full_labels: bool = True, report=None, layout: str = "multi-site", holdout_per_site: int = 0) -> Path:
     """Write the synthetic partially labelled data set; returns `out_dir/dataset.json`.
 
     Layout: images/<id>.nii.gz (int16 HU), labels/<id>.nii.gz (uint8, the site's own label values, as
@@ -773,6 +785,8 @@ def generate_phantoms(out_dir, cases_per_site: int = 4, test_cases: int = 4, sha
     cases label all four organs.
     Case i of a site depends only on (seed, site, i), so adding cases keeps the existing ones.
     `layout`: "multi-site" (a scanner per site) or "toy" (one acquisition for all; see sites_for).
+    `holdout_per_site`: more cases of each training site, fully labelled, listed in dataset_holdout.json
+    (never in dataset.json): what a method scores on its own sites' and other sites' images.
     """
     _check_arguments(cases_per_site, test_cases, shape)
     sites, test_site = sites_for(layout)
@@ -782,18 +796,25 @@ def generate_phantoms(out_dir, cases_per_site: int = 4, test_cases: int = 4, sha
     started = time.time()
     plan = [(k, site, i) for k, site in enumerate(sites) for i in range(int(cases_per_site))]
     plan += [(len(sites), test_site, i) for i in range(int(test_cases))]
-    partial, full = [], []
+    plan += [(k, site, i) for k, site in enumerate(sites)
+             for i in range(int(cases_per_site), int(cases_per_site) + int(holdout_per_site))]
+    partial, full, holdout = [], [], []
     for site_index, site, i in plan:
         case_id = f"{site.name}_{i:03d}"
         phase = case_phase(site, i)
         case = make_case(np.random.default_rng([int(seed), site_index, i]), site, shape, phase)
         image_path = out / "images" / f"{case_id}.nii.gz"
-        label_path = out / "labels" / f"{case_id}.nii.gz"
         write_volume(case.image, case.geometry, image_path)
-        write_volume(label_array(case.parts, site.label_values), case.geometry, label_path)
         extra = {"site": site.name, "phase": phase}
         if report is not None:
             report.log(f"phantom {case_id}: {phase}, {case.image.shape[0]} slices of {case.geometry.spacing[2]:g} mm")
+        if i >= int(cases_per_site) and site is not test_site:  # a held-out case: full labels only
+            full_path = out / "labels_full" / f"{case_id}.nii.gz"
+            write_volume(label_array(case.parts, FULL_VALUES), case.geometry, full_path)
+            holdout.append(Case(case_id, image_path, full_path, list(names), dict(FULL_VALUE_MAP), "test", extra))
+            continue
+        label_path = out / "labels" / f"{case_id}.nii.gz"
+        write_volume(label_array(case.parts, site.label_values), case.geometry, label_path)
         if site is test_site:
             test_case = Case(case_id, image_path, label_path, list(names), dict(FULL_VALUE_MAP), "test", extra)
             partial.append(test_case)
@@ -808,6 +829,8 @@ def generate_phantoms(out_dir, cases_per_site: int = 4, test_cases: int = 4, sha
     manifest = write_manifest(out / "dataset.json", classes, partial, name=f"ltuda-phantoms-{layout}")
     if full_labels:
         write_manifest(out / "dataset_full.json", classes, full, name=f"ltuda-phantoms-{layout}-full")
+    if holdout:
+        write_manifest(out / "dataset_holdout.json", classes, holdout, name=f"ltuda-phantoms-{layout}-holdout")
     if report is not None:
         report.log(f"wrote {len(plan)} phantom cases to {out} in {time.time() - started:.1f} s")
     return manifest
