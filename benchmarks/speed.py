@@ -29,11 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_style import reference_step  # noqa: E402
 
-from ltuda.model.network import LTUDANet, NetworkConfig  # noqa: E402
+from ltuda.model.network import LTUDANet  # noqa: E402
 from ltuda.model.store import save_model  # noqa: E402
 from ltuda.terminology import default_classes  # noqa: E402
 from ltuda.train.config import make_config  # noqa: E402
 from ltuda.train.steps import StepContext, ltuda_step  # noqa: E402
+from ltuda.train.trainer import network_config  # noqa: E402
 
 C = 4
 
@@ -58,7 +59,7 @@ def train_throughput(preset, stage, device, rounds, steps):
     """(ours img/s, reference-style img/s), alternating short bursts of each."""
     config = make_config(preset)
     torch.manual_seed(0)
-    net = LTUDANet(NetworkConfig(C, config.features, config.embedding_dim, config.prototypes)).to(device)
+    net = LTUDANet(network_config(config, C)).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     ref_net = copy.deepcopy(net).float()
@@ -153,7 +154,7 @@ def timed_predict(model_dir, source, out, device):
 def untrained_model(folder, preset):
     """Speed does not depend on the weights: an untrained network of the preset's size."""
     config = make_config(preset)
-    net = LTUDANet(NetworkConfig(C, config.features, config.embedding_dim, config.prototypes))
+    net = LTUDANet(network_config(config, C))
     save_model(folder, net, {"classes": default_classes(), "default_head": "proto-unlabeled",
                              "preprocessing": {"hu_window": [-325, 325], "image_size": config.image_size,
                                                "orientation": "LPS"},
