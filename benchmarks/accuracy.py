@@ -294,9 +294,6 @@ def main(argv=None):
     seeds = [FIRST_SEED + i for i in range(args.seeds)]
     command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results_path = out / "accuracy.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    results.setdefault("protocols", {})
-    results.setdefault("learning_curve", {})
 
     points = factors or [None]
     runs = {(factor, key): {} for factor in points for key in requested}
@@ -319,6 +316,10 @@ def main(argv=None):
         save(complete=False)
 
     def save(complete: bool):
+        """Read the file again and replace only this run's part: benchmarks of other protocols may run too."""
+        results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        results.setdefault("protocols", {})
+        results.setdefault("learning_curve", {})
         done = lambda factor, key: [runs[(factor, key)][s] for s in seeds if s in runs[(factor, key)]]  # noqa: E731
         if factors:
             curve = results["learning_curve"].setdefault(args.protocol, {})
@@ -363,9 +364,10 @@ def main(argv=None):
         tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
         os.replace(tmp, results_path)
         (out / "accuracy.md").write_text(render_markdown(results))
+        return results
 
     run_tasks(tasks, args.jobs, record)
-    save(complete=True)
+    results = save(complete=True)
     plot(results, out / "accuracy.png")
     print(render_markdown(results))
 
