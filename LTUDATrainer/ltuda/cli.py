@@ -132,11 +132,19 @@ def _prepare_out_dir(out: Path, overwrite: bool, resume: bool):
 
 def cmd_train(args, report) -> int:
     from .manifest import load_manifest
-    from .train.config import TrainConfig, make_config
-    from .train.trainer import CONFIG, Trainer, pick_device, safe_json
+    from .train.lock import FolderLock
 
     out = Path(args.out)
     manifest = load_manifest(args.dataset, allow_outside_paths=args.allow_outside_paths)
+    # The lock comes before anything touches the folder: --overwrite never deletes a folder in use.
+    with FolderLock(out, report) as lock:
+        return _train_locked(args, report, manifest, out, lock)
+
+
+def _train_locked(args, report, manifest, out, lock) -> int:
+    from .train.config import TrainConfig, make_config
+    from .train.trainer import CONFIG, Trainer, pick_device, safe_json
+
     _prepare_out_dir(out, args.overwrite, args.resume)
     if args.resume:
         config = TrainConfig.from_json(safe_json(out / CONFIG).get("config", {}))
@@ -155,7 +163,10 @@ def cmd_train(args, report) -> int:
                              fix="Use 0.5 for the paper's rule, or e.g. 0.2 to ignore unsure teacher pixels.")
         if config.dice_weight < 0:
             raise LtudaError(f"--dice-weight {config.dice_weight} is negative", fix="Use 0 (the paper) or e.g. 1.")
-    run_report = TeeReporter(report, file_reporter(out / "progress.jsonl", out / "train.log"))
+    files = file_reporter(out / "progress.jsonl", out / "train.log")
+    for notice in lock.notices:
+        files.log(notice)
+    run_report = TeeReporter(report, files)
     result = Trainer(manifest, out, config, run_report, cache_dir=args.cache_dir, resume=args.resume).run()
     run_report.emit("done", status=result["status"], model_dir=str(out), mean_dice=result["mean_dice"])
     return 0 if result["status"] == "completed" else EXIT_STOPPED

@@ -1,0 +1,220 @@
+"""One training per model folder: an exclusive lock file, and the STOP file that asks a run to stop.
+
+`ltuda train` creates MODEL_DIR/train.lock with O_CREAT|O_EXCL (JSON: host, pid, start time) before
+it touches anything else in the folder, and removes it when it exits, also on an error or a stop.
+A second training into the same folder is refused while the lock's process is alive. A lock left by
+a process that is gone (same host, pid not running: a kill -9, a power cut) is taken over with a
+notice. A lock from another host cannot be checked and is honoured; the message says how to clear it.
+
+A file named STOP in the model folder asks the running training to stop the way SIGTERM does (last
+checkpoint saved, exit 130); it works the same on every platform. A new run removes a leftover STOP.
+"""
+
+import datetime
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from ..errors import LtudaError
+
+LOCK_NAME = "train.lock"
+STOP_NAME = "STOP"
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this id runs on this machine (or might: when we may not ask)."""
+    if pid <= 0:
+        return False
+    if sys.platform == "win32":  # os.kill(pid, 0) would terminate the process on Windows
+        import ctypes
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() == 5  # access denied: it exists
+        try:
+            code = ctypes.c_ulong()
+            kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+            return code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def read_lock(folder):
+    """The lock's JSON dict, {} when it is there but unreadable, None when there is no lock."""
+    path = Path(folder) / LOCK_NAME
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def live_holder(folder):
+    """The lock dict of a training that is running into `folder` now, else None."""
+    doc = read_lock(folder)
+    if doc is None:
+        return None
+    if not doc:
+        return {"host": "?", "pid": "?", "started": "?"}  # being written this very moment, or damaged
+    if doc.get("host") == socket.gethostname() and not pid_alive(_int(doc.get("pid"))):
+        return None
+    return doc
+
+
+def in_use_message(folder, doc) -> str:
+    return f"{folder} is in use by PID {doc.get('pid', '?')} on {doc.get('host', '?')} since {doc.get('started', '?')}"
+
+
+def _int(value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM before the training loop installs its own handler: unwind (the lock is removed), exit 130."""
+
+
+class FolderLock:
+    """`with FolderLock(out, report):` holds MODEL_DIR/train.lock for the life of one training."""
+
+    def __init__(self, folder, report=None):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.report = report
+        self.notices = []
+        self.created_folder = False
+        self._previous_sigterm = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+    def acquire(self):
+        if not self.folder.exists():
+            try:
+                self.folder.mkdir(parents=True)
+                self.created_folder = True
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise LtudaError(f"cannot be created ({exc.strerror})", self.folder,
+                                 "Choose a writable --out folder.") from None
+        for _ in range(3):
+            try:
+                fd = os.open(str(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_or_refuse()
+                continue
+            except OSError as exc:
+                raise LtudaError(f"cannot be written ({exc.strerror})", self.path,
+                                 "Choose a writable --out folder with free space.") from None
+            doc = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                   "command": "ltuda train"}
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(doc) + "\n")
+            self._remove_stale_stop()
+            self._catch_sigterm()
+            return
+        raise LtudaError("its lock could not be taken (another training keeps starting)", self.folder,
+                         f"Make sure no other `ltuda train` writes to this folder, then delete {self.path}.")
+
+    def _take_over_or_refuse(self):
+        doc = read_lock(self.folder)
+        if doc is None:
+            return  # removed meanwhile: try again
+        if not doc:
+            # Unreadable: either another training is writing it this instant, or it is damaged.
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except OSError:
+                return
+            if age < 10:
+                time.sleep(0.5)
+                doc = read_lock(self.folder)
+                if doc is None:
+                    return
+            if not doc:
+                raise LtudaError(f"{self.folder} is in use (its lock {self.path} cannot be read)",
+                                 fix=f"If no training is running into this folder, delete {self.path} and start again.")
+        pid, host = _int(doc.get("pid")), doc.get("host")
+        if host == socket.gethostname() and (pid == os.getpid() or not pid_alive(pid)):
+            notice = (f"notice: taking over the lock of {self.folder}: it was left by PID {doc.get('pid')} "
+                      f"(started {doc.get('started', '?')}), which is no longer running")
+            self.notices.append(notice)
+            if self.report is not None:
+                self.report.log(notice)
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            return
+        fix = ("Wait for that training to finish, stop it (create a file named STOP in the folder, or end the "
+               "process), or train into another --out folder.")
+        if host != socket.gethostname():
+            fix += f" If it is no longer running on {host}, delete {self.path}."
+        raise LtudaError(in_use_message(self.folder, doc), fix=fix)
+
+    def _remove_stale_stop(self):
+        try:
+            os.unlink(self.folder / STOP_NAME)
+            message = f"notice: removed a leftover {self.folder / STOP_NAME} from an earlier stop request"
+            self.notices.append(message)
+            if self.report is not None:
+                self.report.log(message)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass
+
+    def _catch_sigterm(self):
+        def handler(signum, frame):
+            raise _Terminated()
+        try:
+            self._previous_sigterm = signal.signal(signal.SIGTERM, handler)
+        except (ValueError, OSError):  # not the main thread
+            self._previous_sigterm = None
+
+    def release(self):
+        if self._previous_sigterm is not None:
+            try:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+            except (ValueError, OSError):
+                pass
+            self._previous_sigterm = None
+        try:
+            if (read_lock(self.folder) or {}).get("pid") == os.getpid():
+                os.unlink(self.path)
+        except OSError:
+            pass
+        if self.created_folder:
+            try:
+                self.folder.rmdir()  # only when the run failed before writing anything
+            except OSError:
+                pass
+
+
+def stop_requested(folder) -> bool:
+    """True when MODEL_DIR/STOP exists (polled between training steps)."""
+    return os.path.exists(os.path.join(str(folder), STOP_NAME))

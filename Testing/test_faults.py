@@ -1,0 +1,105 @@
+"""Faults (issue 14): a folder in use, stop requests, unfinished and damaged model folders, full disks,
+damaged caches. Real files, real `python -m ltuda` subprocesses, real tiny trainings."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_TRAIN_ARGS, run_ltuda
+
+
+def _events(text):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _no_traceback(result):
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+
+
+def _start_long_training(dataset, out, *extra):
+    """A training that runs until it is told to stop; returns once it is past its first epoch."""
+    args = [sys.executable, "-m", "ltuda", "train", "--dataset", str(dataset), "--out", str(out),
+            "--preset", "fast", "--method", "labeled-only", "--epochs-stage1", "2000", "--iterations-per-epoch", "2",
+            "--image-size", "32", "--batch-size", "2", "--progress", "jsonl", *extra]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(json.loads(line))
+        if seen[-1]["event"] == "epoch":
+            break
+    assert seen and seen[-1]["event"] == "epoch", proc.stderr.read()
+    return proc, seen
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_training_into_a_folder_in_use_is_refused_and_stop_file_stops_the_first(tiny_dataset, tmp_path):
+    out = tmp_path / "busy"
+    proc, seen = _start_long_training(tiny_dataset, out)
+    try:
+        lock = json.loads((out / "train.lock").read_text())
+        assert lock["pid"] == proc.pid and lock["host"] == socket.gethostname() and lock["started"]
+        for extra in (["--overwrite"], ["--resume"], []):
+            second = run_ltuda("train", "--dataset", tiny_dataset, "--out", out, *TINY_TRAIN_ARGS, *extra,
+                               check=False)
+            assert second.returncode == 1, second.stderr
+            _no_traceback(second)
+            assert f"{out} is in use by PID {proc.pid} on {socket.gethostname()} since {lock['started']}" \
+                in second.stderr
+            assert "STOP" in second.stderr  # the fix says how to stop the first one
+        assert (out / "checkpoints" / "last.pt").is_file()  # --overwrite deleted nothing of the running one
+        assert proc.poll() is None
+        (out / "STOP").write_text("")  # the cross-platform stop request
+        rest, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    events = seen + _events(rest)
+    assert proc.returncode == 130, err
+    assert events[-1]["event"] == "done" and events[-1]["status"] == "cancelled"
+    assert "STOP" in err
+    assert not (out / "train.lock").exists() and not (out / "STOP").exists()
+    assert (out / "checkpoints" / "last.pt").is_file()
+    # the first run's history is its own: one start event, nothing from the refused runs
+    history = _events((out / "progress.jsonl").read_text())
+    assert [e["event"] for e in history].count("start") == 1
+
+
+def test_a_stale_lock_is_taken_over_and_removed_after_a_normal_run(tiny_dataset, tmp_path):
+    out = tmp_path / "stale"
+    out.mkdir()
+    pid = _dead_pid()
+    (out / "train.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "started": "yesterday"}))
+    result = run_ltuda("train", "--dataset", tiny_dataset, "--out", out, *TINY_TRAIN_ARGS, "--method", "labeled-only")
+    assert f"taking over the lock of {out}: it was left by PID {pid}" in result.stderr
+    assert "taking over the lock" in (out / "train.log").read_text()
+    assert not (out / "train.lock").exists()
+    assert (out / "model.json").is_file()
+
+
+def test_a_lock_from_another_host_is_honoured(tmp_path):
+    from ltuda.errors import LtudaError
+    from ltuda.train.lock import FolderLock
+
+    (tmp_path / "train.lock").write_text(json.dumps({"host": "other-host.example", "pid": os.getpid(),
+                                                     "started": "2026-01-01T00:00:00"}))
+    with pytest.raises(LtudaError) as info:
+        FolderLock(tmp_path).acquire()
+    message = str(info.value)
+    assert f"{tmp_path} is in use by PID {os.getpid()} on other-host.example since 2026-01-01T00:00:00" in message
+    assert f"delete {tmp_path / 'train.lock'}" in message
+    with FolderLock(tmp_path / "new") as lock:  # and an ordinary lock comes and goes
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "new").exists()  # the folder it had to create, empty again, is gone too
