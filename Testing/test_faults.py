@@ -103,3 +103,56 @@ def test_a_lock_from_another_host_is_honoured(tmp_path):
     with FolderLock(tmp_path / "new") as lock:  # and an ordinary lock comes and goes
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     assert not (tmp_path / "new").exists()  # the folder it had to create, empty again, is gone too
+
+
+def test_an_unfinished_training_says_how_to_resume(tiny_dataset, tmp_path):
+    """kill -9 before a model exists (no validation cases: the model comes at the end): checkpoints only."""
+    out = tmp_path / "unfinished"
+    proc, _ = _start_long_training(tiny_dataset, out, "--val-fraction", "0")
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "config.json").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    image = sorted((Path(tiny_dataset).parent / "images").glob("*.nii.gz"))[0]
+    running = run_ltuda("predict", "--model", out, "--input", image, "--output", tmp_path / "x.seg.nrrd", check=False)
+    assert running.returncode == 1 and f"has no model yet: {out} is in use by PID {proc.pid}" in running.stderr
+    proc.kill()
+    proc.communicate()
+    assert not (out / "model.json").exists()
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "train.lock").is_file()  # kill -9 leaves both
+    result = run_ltuda("predict", "--model", out, "--input", image, "--output", tmp_path / "x.seg.nrrd", check=False)
+    assert result.returncode == 1
+    _no_traceback(result)
+    assert (f"training did not finish: run `ltuda train --resume --dataset {tiny_dataset} --out {out}`"
+            in result.stderr), result.stderr
+    assert "model.json is missing" not in result.stderr
+
+
+def test_a_truncated_model_pt_is_damaged_or_incomplete(tiny_model, tiny_dataset, tmp_path):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    data = (model / "model.pt").read_bytes()
+    image = sorted((Path(tiny_dataset).parent / "images").glob("*.nii.gz"))[0]
+    for damaged in (data[: len(data) // 2], data[:-10] + b"0123456789"):
+        (model / "model.pt").write_bytes(damaged)
+        result = run_ltuda("predict", "--model", model, "--input", image, "--output", tmp_path / "x.seg.nrrd",
+                           check=False)
+        assert result.returncode == 1
+        _no_traceback(result)
+        assert f"{model / 'model.pt'}: is damaged or incomplete" in result.stderr, result.stderr
+        assert "Restore it from a backup" in result.stderr
+        for internal in ("miniz", "PytorchStreamReader", "central directory", "unexpected"):
+            assert internal not in result.stderr
+
+
+def test_a_truncated_checkpoint_refuses_resume_in_our_words(tiny_model, tiny_dataset, tmp_path):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    last = model / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    result = run_ltuda("train", "--dataset", tiny_dataset, "--out", model, "--resume", check=False)
+    assert result.returncode == 1
+    _no_traceback(result)
+    assert f"{last}: is damaged or incomplete" in result.stderr and "--overwrite" in result.stderr
+    assert not (model / "train.lock").exists()

@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .errors import LtudaError, ManifestProblems
+from .errors import DISK_FULL, READ_ONLY, LtudaError, ManifestProblems, write_error
 from .progress import HumanReporter, TeeReporter, file_reporter, make_reporter
 
 EXIT_STOPPED = 130
@@ -218,15 +218,24 @@ def main(argv=None) -> int:
     except LtudaError as exc:
         _report_error(report, str(exc))
         return 1
+    except OSError as exc:  # a write site without its own message: still what, where and why
+        if exc.errno not in DISK_FULL + READ_ONLY or not exc.filename:
+            return _unexpected(report, exc)
+        _report_error(report, str(write_error(exc, exc.filename, "file")))
+        return 1
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
         return EXIT_STOPPED
     except Exception as exc:  # an internal fault: still one line, with a way to get the details
-        if os.environ.get("LTUDA_DEBUG"):
-            traceback.print_exc()
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-        _report_error(report, f"unexpected {type(exc).__name__}: {detail} (set LTUDA_DEBUG=1 for details and report it)")
-        return 1
+        return _unexpected(report, exc)
+
+
+def _unexpected(report, exc) -> int:
+    if os.environ.get("LTUDA_DEBUG"):
+        traceback.print_exc()
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    _report_error(report, f"unexpected {type(exc).__name__}: {detail} (set LTUDA_DEBUG=1 for details and report it)")
+    return 1
 
 
 def _report_error(report, message: str):
