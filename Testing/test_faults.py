@@ -156,3 +156,115 @@ def test_a_truncated_checkpoint_refuses_resume_in_our_words(tiny_model, tiny_dat
     _no_traceback(result)
     assert f"{last}: is damaged or incomplete" in result.stderr and "--overwrite" in result.stderr
     assert not (model / "train.lock").exists()
+
+
+# ----- full and read-only disks -----
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real tmpfs of the requested size (root only); skipped where mounting is not permitted."""
+    mounts = []
+
+    def make(size_bytes):
+        target = tmp_path / f"disk{len(mounts)}"
+        target.mkdir()
+        kib = max(64, int(size_bytes) // 1024)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(target)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip()[:100]})")
+        mounts.append(target)
+        return target
+
+    yield make
+    for target in mounts:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def _state(megabytes, fill=1.0):
+    import torch
+    return {"w": torch.full((int(megabytes * 2**20 / 4),), fill)}
+
+
+def _check_full_disk_message(message, path, what):
+    assert message.startswith(f"{path}: could not write the {what}: the disk is full ("), message
+    assert "needed" in message and "free)" in message and "Free space on that disk" in message
+
+
+@pytest.mark.parametrize("precheck", [True, False], ids=["free-space-check", "write-fails"])
+def test_a_full_disk_keeps_the_previous_checkpoint(small_disk, monkeypatch, precheck):
+    import torch
+    from ltuda.errors import LtudaError
+    from ltuda.model import store
+
+    disk = small_disk(2 * 2**20)
+    path = disk / "checkpoints" / "last.pt"
+    store.atomic_torch_save(_state(0.5, 1.0), path)
+    if not precheck:  # let the write itself hit ENOSPC on the real filesystem
+        monkeypatch.setattr(store, "free_bytes", lambda _: None)
+    with pytest.raises(LtudaError) as info:
+        store.atomic_torch_save(_state(1.8, 2.0), path)
+    _check_full_disk_message(str(info.value), path, "training checkpoint")
+    assert torch.equal(store.safe_torch_load(path)["w"], _state(0.5, 1.0)["w"])  # the previous one, intact
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temporary file left
+    with pytest.raises(LtudaError) as info:
+        store.atomic_write_json({"x": "y" * 3 * 2**20}, disk / "model.json")
+    _check_full_disk_message(str(info.value), disk / "model.json", "model description")
+    assert not (disk / "model.json").exists() and not (disk / "model.json.tmp").exists()
+
+
+def test_an_injected_enospc_is_one_clear_message(tmp_path, monkeypatch):
+    """The same on any machine: ENOSPC raised by the write call itself."""
+    import errno
+    import torch
+    from ltuda.errors import LtudaError
+    from ltuda.model import store
+
+    path = tmp_path / "model.pt"
+    store.atomic_torch_save(_state(0.01, 1.0), path)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store.os, "fsync", full)
+    with pytest.raises(LtudaError) as info:
+        store.atomic_torch_save(_state(0.02, 2.0), path)
+    _check_full_disk_message(str(info.value), path, "model weights")
+    monkeypatch.undo()
+    assert torch.equal(store.safe_torch_load(path)["w"], _state(0.01, 1.0)["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_a_read_only_folder_is_named(small_disk):
+    from ltuda.errors import LtudaError
+    from ltuda.model import store
+
+    disk = small_disk(2**20)
+    store.atomic_write_json({"a": 1}, disk / "model.json")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    with pytest.raises(LtudaError) as info:
+        store.atomic_write_json({"a": 2}, disk / "model.json")
+    assert str(info.value).startswith(f"{disk / 'model.json'}: could not write the model description: "
+                                      "the folder is read-only.")
+    assert json.loads((disk / "model.json").read_text()) == {"a": 1}
+
+
+def test_training_into_a_full_disk_stops_with_one_message(tiny_model, tiny_dataset, small_disk):
+    """A real training on a filesystem with room for one checkpoint and one model, not for a second checkpoint."""
+    sizes = {name: (tiny_model / name).stat().st_size for name in ("model.pt", "checkpoints/last.pt")}
+    disk = small_disk(sizes["model.pt"] * 2 + sizes["checkpoints/last.pt"] + 256 * 1024)
+    out = disk / "model"
+    result = run_ltuda("train", "--dataset", tiny_dataset, "--out", out, "--preset", "fast", "--method",
+                       "labeled-only", "--epochs-stage1", "4", "--iterations-per-epoch", "2", "--image-size", "32",
+                       "--batch-size", "2", "--val-fraction", "0.5", "--progress", "jsonl", check=False)
+    assert result.returncode == 1, result.stderr
+    _no_traceback(result)
+    error = _events(result.stdout)[-1]
+    assert error["event"] == "error"
+    assert "could not write the " in error["message"] and "the disk is full (" in error["message"]
+    assert "--resume" in error["message"]
+    assert f"error: {error['message']}" in result.stderr
+    assert not list(out.rglob("*.tmp")) and not (out / "train.lock").exists()
+    from ltuda.model.store import load_model, safe_torch_load
+    assert int(safe_torch_load(out / "checkpoints" / "last.pt")["epoch"]) >= 1  # the previous checkpoint loads
+    load_model(out)  # and so does the model written before the disk filled up
