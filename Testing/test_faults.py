@@ -268,3 +268,64 @@ def test_training_into_a_full_disk_stops_with_one_message(tiny_model, tiny_datas
     from ltuda.model.store import load_model, safe_torch_load
     assert int(safe_torch_load(out / "checkpoints" / "last.pt")["epoch"]) >= 1  # the previous checkpoint loads
     load_model(out)  # and so does the model written before the disk filled up
+
+
+# ----- damaged slice caches -----
+
+def _damage_cases():
+    import numpy as np
+
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    def foreign_same_shape(path):  # a valid .npy of the same shape and type, other values
+        array = np.load(path)
+        np.save(path, np.zeros_like(array) + 1)
+
+    def garbage(path):
+        path.write_bytes(os.urandom(path.stat().st_size))
+
+    def flip_one_byte(path):
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    return {"truncate": truncate, "foreign": foreign_same_shape, "garbage": garbage, "flip": flip_one_byte}
+
+
+@pytest.mark.parametrize("name,damage", [(n, d) for n in ("image.npy", "labels.npy", "meta.json")
+                                         for d in sorted(_damage_cases()) if (n, d) != ("meta.json", "foreign")])
+def test_a_damaged_cache_entry_is_rebuilt_and_equals_the_original(tiny_dataset, tmp_path, name, damage):
+    import numpy as np
+    from ltuda.data.cache import SliceCache
+    from ltuda.data.preprocess import Preprocessing
+    from ltuda.manifest import load_manifest
+
+    manifest = load_manifest(tiny_dataset)
+    case, prep = manifest.split("train")[0], Preprocessing((-325, 325), 32)
+    notices = []
+    cache = SliceCache(tmp_path / "cache", notify=notices.append)
+    first = cache.load(case, manifest.classes, prep)
+    original = (np.array(first.image), np.array(first.labels), list(first.labeled))
+    (entry,) = [p for p in (tmp_path / "cache").iterdir()]
+    _damage_cases()[damage](entry / name)
+    healed = cache.load(case, manifest.classes, prep)
+    assert len(notices) == 1 and f"case {case.id}" in notices[0] and "is damaged" in notices[0], notices
+    for got, want in zip((np.array(healed.image), np.array(healed.labels), list(healed.labeled)), original):
+        assert np.array_equal(got, want)
+    again = cache.load(case, manifest.classes, prep)  # the entry on disk is whole again: no second notice
+    assert len(notices) == 1 and np.array_equal(np.array(again.image), original[0])
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [entry.name]  # nothing left aside
+
+
+def test_training_heals_a_truncated_cache_with_a_notice(tiny_dataset, tmp_path):
+    cache = tmp_path / "cache"
+    common = ["--dataset", tiny_dataset, *TINY_TRAIN_ARGS, "--method", "labeled-only", "--cache-dir", cache]
+    run_ltuda("train", "--out", tmp_path / "a", *common)
+    entry = sorted(cache.iterdir())[0]
+    before = (entry / "image.npy").read_bytes()
+    (entry / "image.npy").write_bytes(before[:100])
+    second = run_ltuda("train", "--out", tmp_path / "b", *common)
+    assert f"({entry}) is damaged" in second.stderr
+    assert "is damaged" in (tmp_path / "b" / "train.log").read_text()
+    assert (entry / "image.npy").read_bytes() == before

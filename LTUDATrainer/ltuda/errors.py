@@ -48,9 +48,9 @@ def free_bytes(path):
     return None
 
 
-def write_error(exc: OSError, path, what: str, needed=None) -> LtudaError:
+def write_error(exc: OSError, path, what: str, needed=None, fix=None) -> LtudaError:
     """One message for a failed write: what was written where, why (full, read-only), and the fix."""
-    path = Path(path)
+    path, fix_override = Path(path), fix
     if exc.errno in DISK_FULL:
         free = free_bytes(path.parent)
         space = []
@@ -67,4 +67,4 @@ def write_error(exc: OSError, path, what: str, needed=None) -> LtudaError:
     else:
         reason = exc.strerror or str(exc)
         fix = "Check the disk and the folder, then run the command again."
-    return LtudaError(f"could not write the {what}: {reason}.", path, fix)
+    return LtudaError(f"could not write the {what}: {reason}.", path, fix_override or fix)

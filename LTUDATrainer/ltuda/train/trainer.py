@@ -83,7 +83,7 @@ class Trainer:
         self.manifest, self.out_dir, self.config, self.report = manifest, Path(out_dir), config, report
         self.classes = manifest.classes
         self.num_classes = len(self.classes)
-        self.cache = SliceCache(cache_dir)
+        self.cache = SliceCache(cache_dir, notify=report.log)
         self.resume = resume
         self.stop_requested = False
         self.device = pick_device(config.device)
