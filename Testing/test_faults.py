@@ -329,3 +329,29 @@ def test_training_heals_a_truncated_cache_with_a_notice(tiny_dataset, tmp_path):
     assert f"({entry}) is damaged" in second.stderr
     assert "is damaged" in (tmp_path / "b" / "train.log").read_text()
     assert (entry / "image.npy").read_bytes() == before
+
+
+def test_predict_reads_only_a_matching_model_while_a_training_replaces_it(tiny_model, tmp_path):
+    """Caught between a training's two writes (new model.pt, old model.json), the reader waits for the pair."""
+    import shutil
+    import threading
+    from ltuda.errors import LtudaError
+    from ltuda.model.store import load_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    good = (model / "model.json").read_text()
+    stale = json.loads(good)
+    stale["weights_sha256"] = "0" * 64
+    stale["default_head"] = "stale"
+    (model / "model.json").write_text(json.dumps(stale))
+    with pytest.raises(LtudaError, match="is damaged or incomplete \\(its contents do not match model.json\\)"):
+        load_model(model)  # no training holds the folder: a mismatch is damage
+    (model / "train.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "now"}))
+    writer = threading.Timer(1.0, lambda: (model / "model.json").write_text(good))
+    writer.start()
+    try:
+        _, meta = load_model(model)  # a training (this process) holds the folder: wait for the matching json
+    finally:
+        writer.join()
+    assert meta["default_head"] == json.loads(good)["default_head"] != "stale"
