@@ -3,7 +3,6 @@ damaged caches. Real files, real `python -m ltuda` subprocesses, real tiny train
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys

@@ -165,6 +165,7 @@ def _read_matching_weights(model_dir: Path, doc: dict):
             return doc, data
         from ..train.lock import live_holder
         if live_holder(model_dir) is None or attempt == 19:
+            safe_torch_load(weights, "model weights", data=data)  # the more precise message when unreadable
             raise _damaged(weights, "model weights", reason="its contents do not match model.json")
         time.sleep(0.25)  # the training is between writing model.pt and model.json
         doc = read_model_json(model_dir)

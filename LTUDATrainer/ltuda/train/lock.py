@@ -10,6 +10,7 @@ A file named STOP in the model folder asks the running training to stop the way 
 checkpoint saved, exit 130); it works the same on every platform. A new run removes a leftover STOP.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import LtudaError
+from ..errors import LtudaError, write_error
 
 LOCK_NAME = "train.lock"
 STOP_NAME = "STOP"
@@ -31,7 +32,7 @@ def pid_alive(pid: int) -> bool:
         return False
     if sys.platform == "win32":  # os.kill(pid, 0) would terminate the process on Windows
         import ctypes
-        kernel32 = ctypes.windll.kernel32
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
         handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
         if not handle:
             return ctypes.get_last_error() == 5  # access denied: it exists
@@ -127,13 +128,17 @@ class FolderLock:
                 self._take_over_or_refuse()
                 continue
             except OSError as exc:
-                raise LtudaError(f"cannot be written ({exc.strerror})", self.path,
-                                 "Choose a writable --out folder with free space.") from None
+                raise write_error(exc, self.path, "training lock") from None
             doc = {"host": socket.gethostname(), "pid": os.getpid(),
                    "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                    "command": "ltuda train"}
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(doc) + "\n")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    handle.write(json.dumps(doc) + "\n")
+            except OSError as exc:  # a full disk: no lock file may stay behind
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                raise write_error(exc, self.path, "training lock") from None
             self._remove_stale_stop()
             self._catch_sigterm()
             return
