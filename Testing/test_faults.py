@@ -354,3 +354,30 @@ def test_predict_reads_only_a_matching_model_while_a_training_replaces_it(tiny_m
     finally:
         writer.join()
     assert meta["default_head"] == json.loads(good)["default_head"] != "stale"
+
+
+def test_a_model_json_that_cannot_be_written_keeps_the_old_weights(tiny_model, tmp_path, monkeypatch):
+    """A full disk between model.pt and model.json: the folder keeps its previous, matching pair."""
+    import errno
+    import shutil
+    import torch
+    from ltuda.errors import LtudaError, write_error
+    from ltuda.model import store
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    before = {name: (model / name).read_bytes() for name in ("model.pt", "model.json")}
+    network, meta = store.load_model(model)
+    with torch.no_grad():
+        next(network.parameters()).add_(1.0)
+
+    def full(doc, path, what=None):
+        raise write_error(OSError(errno.ENOSPC, "No space left on device"), path, "model description", needed=1)
+
+    monkeypatch.setattr(store, "atomic_write_json", full)
+    with pytest.raises(LtudaError, match="could not write the model description: the disk is full"):
+        store.save_model(model, network, {k: meta[k] for k in ("classes", "preprocessing", "default_head")})
+    monkeypatch.undo()
+    assert {name: (model / name).read_bytes() for name in before} == before
+    assert not list(model.glob("*.prev")) and not list(model.glob("*.tmp"))
+    store.load_model(model)

@@ -98,14 +98,31 @@ def save_model(model_dir, network: LTUDANet, metadata: dict) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    _atomic_write_bytes(buffer.getbuffer(), model_dir / WEIGHTS)
     # The digest ties model.json to these exact weights: a reader that catches the folder between the
     # two writes (a training in progress) sees the mismatch and reads again.
     doc = {"schema": SCHEMA, "version": VERSION, "ltuda_version": __version__, "weights": WEIGHTS,
            "weights_sha256": hashlib.sha256(buffer.getbuffer()).hexdigest(),
            "network": network.config.to_json(), "heads": list(HEADS)}
     doc.update(metadata)
-    atomic_write_json(doc, model_dir / "model.json")
+    weights, previous = model_dir / WEIGHTS, model_dir / (WEIGHTS + ".prev")
+    with contextlib.suppress(OSError):
+        previous.unlink()
+    kept = False
+    if weights.is_file():  # a second name for the old weights (no space needed), to put back on failure
+        with contextlib.suppress(OSError, AttributeError, NotImplementedError):
+            os.link(weights, previous)
+            kept = True
+    try:
+        _atomic_write_bytes(buffer.getbuffer(), weights)
+        atomic_write_json(doc, model_dir / "model.json")
+    except LtudaError:
+        if kept:  # model.json could not follow (a full disk): the old pair stays together
+            with contextlib.suppress(OSError):
+                os.replace(previous, weights)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            previous.unlink()
 
 
 def read_model_json(model_dir) -> dict:
