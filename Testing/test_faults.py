@@ -104,6 +104,34 @@ def test_a_lock_from_another_host_is_honoured(tmp_path):
     assert not (tmp_path / "new").exists()  # the folder it had to create, empty again, is gone too
 
 
+RACER = """
+import sys, time
+from ltuda.errors import LtudaError
+from ltuda.train.lock import FolderLock
+time.sleep(float(sys.argv[2]) - time.time())  # all racers start at the same moment
+try:
+    with FolderLock(sys.argv[1]):
+        print("won", flush=True)
+        time.sleep(3)
+except LtudaError as exc:
+    print("refused:", exc, flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock-based takeover; Windows checks the pid")
+def test_racing_takeovers_of_a_stale_lock_have_one_winner(tmp_path):
+    (tmp_path / "train.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(),
+                                                     "started": "yesterday"}))
+    start = time.time() + 2.0
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(start)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=60) for p in racers]
+    results = [out.strip() for out, _ in outputs]
+    assert sum(r == "won" for r in results) == 1, outputs
+    assert all(r == "won" or (r.startswith("refused:") and "is in use" in r) for r in results), outputs
+    assert not (tmp_path / "train.lock").exists()
+
+
 def test_an_unfinished_training_says_how_to_resume(tiny_dataset, tmp_path):
     """kill -9 before a model exists (no validation cases: the model comes at the end): checkpoints only."""
     out = tmp_path / "unfinished"

@@ -3,8 +3,11 @@
 `ltuda train` creates MODEL_DIR/train.lock with O_CREAT|O_EXCL (JSON: host, pid, start time) before
 it touches anything else in the folder, and removes it when it exits, also on an error or a stop.
 A second training into the same folder is refused while the lock's process is alive. A lock left by
-a process that is gone (same host, pid not running: a kill -9, a power cut) is taken over with a
-notice. A lock from another host cannot be checked and is honoured; the message says how to clear it.
+a process that is gone (a kill -9, a power cut) is taken over with a notice. Where the OS has flock
+(Linux, macOS) the running training also holds a flock on the file, and "gone" means nobody holds it
+(immune to reused pids, and two runs cannot both take one stale lock over); elsewhere (Windows) it
+means the pid no longer runs. A lock from another host cannot be checked and is honoured; the
+message says how to clear it.
 
 A file named STOP in the model folder asks the running training to stop the way SIGTERM does (last
 checkpoint saved, exit 130); it works the same on every platform. A new run removes a leftover STOP.
@@ -21,6 +24,11 @@ import time
 from pathlib import Path
 
 from ..errors import LtudaError, write_error
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 LOCK_NAME = "train.lock"
 STOP_NAME = "STOP"
@@ -51,6 +59,27 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def _try_flock(fd: int):
+    """True: flock taken. False: another process holds it. None: this OS or filesystem has no flock."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except (BlockingIOError, PermissionError):
+        return False
+    except OSError:  # e.g. ENOLCK on some network filesystems
+        return None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(str(path))
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def read_lock(folder):
@@ -102,6 +131,7 @@ class FolderLock:
         self.notices = []
         self.created_folder = False
         self._previous_sigterm = None
+        self._fd = None
 
     def __enter__(self):
         self.acquire()
@@ -121,65 +151,92 @@ class FolderLock:
             except OSError as exc:
                 raise LtudaError(f"cannot be created ({exc.strerror})", self.folder,
                                  "Choose a writable --out folder.") from None
-        for _ in range(3):
+        for _ in range(5):
             try:
-                fd = os.open(str(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd, created = os.open(str(self.path), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644), True
             except FileExistsError:
-                self._take_over_or_refuse()
-                continue
+                try:
+                    fd, created = os.open(str(self.path), os.O_RDWR), False
+                except FileNotFoundError:
+                    continue  # its owner just removed it
+                except OSError as exc:
+                    raise write_error(exc, self.path, "training lock") from None
             except OSError as exc:
                 raise write_error(exc, self.path, "training lock") from None
-            doc = {"host": socket.gethostname(), "pid": os.getpid(),
-                   "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                   "command": "ltuda train"}
             try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    handle.write(json.dumps(doc) + "\n")
-            except OSError as exc:  # a full disk: no lock file may stay behind
-                with contextlib.suppress(OSError):
-                    os.unlink(self.path)
-                raise write_error(exc, self.path, "training lock") from None
-            self._remove_stale_stop()
-            self._catch_sigterm()
-            return
-        raise LtudaError("its lock could not be taken (another training keeps starting)", self.folder,
-                         f"Make sure no other `ltuda train` writes to this folder, then delete {self.path}.")
-
-    def _take_over_or_refuse(self):
-        doc = read_lock(self.folder)
-        if doc is None:
-            return  # removed meanwhile: try again
-        if not doc:
-            # Unreadable: either another training is writing it this instant, or it is damaged.
-            try:
-                age = time.time() - self.path.stat().st_mtime
-            except OSError:
-                return
-            if age < 10:
-                time.sleep(0.5)
-                doc = read_lock(self.folder)
-                if doc is None:
+                if self._claim(fd, created):
+                    self._fd, fd = fd, None
+                    self._remove_stale_stop()
+                    self._catch_sigterm()
                     return
-            if not doc:
-                raise LtudaError(f"{self.folder} is in use (its lock {self.path} cannot be read)",
-                                 fix=f"If no training is running into this folder, delete {self.path} and start again.")
-        pid, host = _int(doc.get("pid")), doc.get("host")
-        if host == socket.gethostname() and (pid == os.getpid() or not pid_alive(pid)):
-            notice = (f"notice: taking over the lock of {self.folder}: it was left by PID {doc.get('pid')} "
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        raise LtudaError(f"{self.folder} is in use: its lock could not be taken (another training keeps starting)",
+                         fix=f"Make sure no other `ltuda train` writes to this folder, then delete {self.path}.")
+
+    def _claim(self, fd: int, created: bool) -> bool:
+        """True: the lock is ours (our JSON written). False: try again. LtudaError: the folder is in use.
+
+        Where the OS offers flock (Linux, macOS) the lock file is also flock-ed for the life of the run, so
+        "its process is gone" means "nobody holds the flock" (the kernel drops it on any death, even kill -9),
+        and two runs taking over one stale lock cannot both win. Elsewhere the pid is checked.
+        """
+        locked = _try_flock(fd)
+        if locked is False:  # a live training holds it (or grabbed our new file first)
+            if created:
+                return False
+            raise self._in_use(self._read_fd(fd) or {})
+        if not _same_file(fd, self.path):
+            return False  # removed or replaced while we opened it
+        if not created:
+            doc = self._read_fd(fd)
+            if locked is None:  # no flock here: judge by host and pid
+                if not doc:
+                    time.sleep(0.5)  # maybe being written this instant
+                    doc = self._read_fd(fd)
+                if not doc:
+                    raise LtudaError(f"{self.folder} is in use (its lock {self.path} cannot be read)",
+                                     fix=f"If no training is running into this folder, delete {self.path} and start "
+                                         "again.")
+            if doc and (doc.get("host") != socket.gethostname() or
+                        (locked is None and _int(doc.get("pid")) != os.getpid() and pid_alive(_int(doc.get("pid"))))):
+                raise self._in_use(doc)
+            notice = (f"notice: taking over the lock of {self.folder}: it was left by PID {doc.get('pid', '?')} "
                       f"(started {doc.get('started', '?')}), which is no longer running")
             self.notices.append(notice)
             if self.report is not None:
                 self.report.log(notice)
-            try:
+        doc = {"host": socket.gethostname(), "pid": os.getpid(),
+               "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": "ltuda train"}
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(doc) + "\n").encode("utf-8"))
+        except OSError as exc:  # a full disk: no lock file may stay behind
+            with contextlib.suppress(OSError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            return
+            raise write_error(exc, self.path, "training lock") from None
+        return True
+
+    @staticmethod
+    def _read_fd(fd: int) -> dict:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            doc = json.loads(os.read(fd, 1 << 16).decode("utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def _in_use(self, doc: dict) -> LtudaError:
+        if not doc:
+            return LtudaError(f"{self.folder} is in use (another training is starting in it)",
+                              fix="Wait for that training to finish, or train into another --out folder.")
         fix = ("Wait for that training to finish, stop it (create a file named STOP in the folder, or end the "
                "process), or train into another --out folder.")
-        if host != socket.gethostname():
-            fix += f" If it is no longer running on {host}, delete {self.path}."
-        raise LtudaError(in_use_message(self.folder, doc), fix=fix)
+        if doc.get("host") != socket.gethostname():
+            fix += f" If it is no longer running on {doc.get('host')}, delete {self.path}."
+        return LtudaError(in_use_message(self.folder, doc), fix=fix)
 
     def _remove_stale_stop(self):
         try:
@@ -208,11 +265,18 @@ class FolderLock:
             except (ValueError, OSError):
                 pass
             self._previous_sigterm = None
-        try:
-            if (read_lock(self.folder) or {}).get("pid") == os.getpid():
-                os.unlink(self.path)
-        except OSError:
-            pass
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            if fcntl is not None:  # remove it while still holding it, so nobody can take it in between
+                with contextlib.suppress(OSError):
+                    if _same_file(fd, self.path):
+                        os.unlink(self.path)
+                os.close(fd)
+            else:  # Windows cannot remove an open file
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    if (read_lock(self.folder) or {}).get("pid") == os.getpid():
+                        os.unlink(self.path)
         if self.created_folder:
             try:
                 self.folder.rmdir()  # only when the run failed before writing anything
