@@ -102,6 +102,12 @@ def test_a_lock_from_another_host_is_honoured(tmp_path):
     with FolderLock(tmp_path / "new") as lock:  # and an ordinary lock comes and goes
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     assert not (tmp_path / "new").exists()  # the folder it had to create, empty again, is gone too
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "STOP").write_text("")  # a stop request nobody was there to read
+    with FolderLock(tmp_path / "old") as lock:
+        assert not (tmp_path / "old" / "STOP").exists()
+        assert any("removed a leftover" in notice for notice in lock.notices)
+    assert list((tmp_path / "old").iterdir()) == []
 
 
 RACER = """
