@@ -143,8 +143,8 @@ class Trainer:
             "elapsed": torch.tensor(self.elapsed()),
         }
         atomic_torch_save(state, self.out_dir / LAST)
-        atomic_write_json({"config": self.config.to_json(), "best": self.best, "dataset": str(self.manifest.path)},
-                          self.out_dir / CONFIG)
+        atomic_write_json({"config": self.config.to_json(), "best": self.best,
+                           "dataset": str(Path(self.manifest.path).absolute())}, self.out_dir / CONFIG)
         self.report.emit("checkpoint", kind="last", path=str(self.out_dir / LAST))
 
     def elapsed(self) -> float:
