@@ -137,12 +137,12 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tiny_model, tiny_dataset, t
     data = (corrupt / "model.pt").read_bytes()
     (corrupt / "model.pt").write_bytes(data[: len(data) // 2])
     _check_fails(tmp_path, "predict", "--model", corrupt, "--input", image, "--output", tmp_path / "a.seg.nrrd",
-                 expect=["model.pt", "not a readable LTUDA model weights"])
+                 expect=["model.pt: is damaged or incomplete", "Restore it from a backup"])
     foreign = tmp_path / "foreign"
     shutil.copytree(tiny_model, foreign)
     torch.save({"payload": Path("/")}, foreign / "model.pt")  # an arbitrary pickled object: never unpickled
     _check_fails(tmp_path, "predict", "--model", foreign, "--input", image, "--output", tmp_path / "b.seg.nrrd",
-                 expect=["model.pt", "not a readable"])
+                 expect=["model.pt: holds Python objects", "not loaded, for safety"])
     other_version = tmp_path / "other"
     shutil.copytree(tiny_model, other_version)
     meta = json.loads((other_version / "model.json").read_text())

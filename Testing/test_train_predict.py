@@ -84,6 +84,7 @@ def test_sigterm_saves_and_resume_continues(tiny_dataset, tmp_path):
     assert proc.returncode == 130
     assert seen[-1]["event"] == "done" and seen[-1]["status"] == "cancelled"
     assert (out / "checkpoints" / "last.pt").is_file() and (out / "model.json").is_file()
+    assert not (out / "train.lock").exists()  # the lock goes with the stopped run
     stopped_at = [(e["stage"], e["epoch"]) for e in seen if e["event"] == "epoch"]
     resumed = _events(run_ltuda("train", "--dataset", tiny_dataset, "--out", out, "--resume", "--progress", "jsonl").stdout)
     assert resumed[0]["resumed"] is True and resumed[-1]["status"] == "completed"
@@ -92,6 +93,7 @@ def test_sigterm_saves_and_resume_continues(tiny_dataset, tmp_path):
     assert epochs_after[0] != (1, 1) or stopped_at[-1] == (1, 1)
     assert epochs_after[-1] == (2, 2)
     assert json.loads((out / "model.json").read_text())["training"]["completed"] is True
+    assert not (out / "train.lock").exists()
 
 
 def _reoriented(image: sitk.Image, kind: str) -> sitk.Image:

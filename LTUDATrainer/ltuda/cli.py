@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .errors import LtudaError, ManifestProblems
+from .errors import DISK_FULL, READ_ONLY, LtudaError, ManifestProblems, write_error
 from .progress import HumanReporter, TeeReporter, file_reporter, make_reporter
 
 EXIT_STOPPED = 130
@@ -152,20 +152,31 @@ def _prepare_out_dir(out: Path, overwrite: bool, resume: bool):
 
 def cmd_train(args, report) -> int:
     from .manifest import load_manifest
-    from .train.config import TrainConfig
-    from .train.trainer import CONFIG, Trainer, safe_json
+    from .train.lock import FolderLock
 
     out = Path(args.out)
     manifest = load_manifest(args.dataset, allow_outside_paths=args.allow_outside_paths)
     if args.dry_run:
         return _dry_run(args, out)
+    # The lock comes before anything touches the folder: --overwrite never deletes a folder in use.
+    with FolderLock(out, report) as lock:
+        return _train_locked(args, report, manifest, out, lock)
+
+
+def _train_locked(args, report, manifest, out, lock) -> int:
+    from .train.config import TrainConfig
+    from .train.trainer import CONFIG, Trainer, safe_json
+
     _prepare_out_dir(out, args.overwrite, args.resume)
     if args.resume:
         config = TrainConfig.from_json(safe_json(out / CONFIG).get("config", {}))
         config.device = args.device
     else:
         config = _config_from_args(args)
-    run_report = TeeReporter(report, file_reporter(out / "progress.jsonl", out / "train.log"))
+    files = file_reporter(out / "progress.jsonl", out / "train.log")
+    for notice in lock.notices:
+        files.log(notice)
+    run_report = TeeReporter(report, files)
     result = Trainer(manifest, out, config, run_report, cache_dir=args.cache_dir, resume=args.resume).run()
     run_report.emit("done", status=result["status"], model_dir=str(out), mean_dice=result["mean_dice"])
     return 0 if result["status"] == "completed" else EXIT_STOPPED
@@ -266,15 +277,24 @@ def main(argv=None) -> int:
     except LtudaError as exc:
         _report_error(report, str(exc))
         return 1
+    except OSError as exc:  # a write site without its own message: still what, where and why
+        if exc.errno not in DISK_FULL + READ_ONLY or not exc.filename:
+            return _unexpected(report, exc)
+        _report_error(report, str(write_error(exc, exc.filename, "file")))
+        return 1
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
         return EXIT_STOPPED
     except Exception as exc:  # an internal fault: still one line, with a way to get the details
-        if os.environ.get("LTUDA_DEBUG"):
-            traceback.print_exc()
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-        _report_error(report, f"unexpected {type(exc).__name__}: {detail} (set LTUDA_DEBUG=1 for details and report it)")
-        return 1
+        return _unexpected(report, exc)
+
+
+def _unexpected(report, exc) -> int:
+    if os.environ.get("LTUDA_DEBUG"):
+        traceback.print_exc()
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    _report_error(report, f"unexpected {type(exc).__name__}: {detail} (set LTUDA_DEBUG=1 for details and report it)")
+    return 1
 
 
 def _report_error(report, message: str):

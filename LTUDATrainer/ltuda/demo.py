@@ -13,6 +13,7 @@ from .evaluate import evaluate_case, summarise, write_results
 from .manifest import load_manifest
 from .predict import run_prediction
 from .train.config import make_config
+from .train.lock import FolderLock
 from .train.trainer import Trainer
 
 METHODS = ("ltuda", "labeled-only")
@@ -39,7 +40,8 @@ def run_demo(out: Path, device: str = "auto", report=None, cases_per_site: int =
         if method != "ltuda":  # equal iterations: one stage as long as LTUDA's two
             config.epochs_stage1 += config.epochs_stage2
         run_report = TeeReporter(report, file_reporter(model_dir / "progress.jsonl", model_dir / "train.log"))
-        Trainer(manifest, model_dir, config, run_report, cache_dir=out / "cache").run()
+        with FolderLock(model_dir, report):  # two demos into one folder would mix their models
+            Trainer(manifest, model_dir, config, run_report, cache_dir=out / "cache").run()
         pred_dir = out / "predictions" / method
         scores = []
         for case in test_cases_list:

@@ -1,5 +1,12 @@
 """The one exception type users see: a message for a person, no traceback."""
 
+import errno
+import shutil
+from pathlib import Path
+
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
 
 class LtudaError(Exception):
     """Bad input or a failed run, explained: what is wrong, which file, how to fix it."""
@@ -19,3 +26,45 @@ class ManifestProblems(LtudaError):
     def __init__(self, problems):
         self.problems = list(problems)
         super().__init__(f"{len(self.problems)} problem(s) found:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def human_bytes(n) -> str:
+    n = float(n)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def free_bytes(path):
+    """Free space on the disk holding `path` (or its nearest existing parent), None when unknown."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(str(candidate)).free
+        except OSError:
+            continue
+    return None
+
+
+def write_error(exc: OSError, path, what: str, needed=None, fix=None) -> LtudaError:
+    """One message for a failed write: what was written where, why (full, read-only), and the fix."""
+    path, fix_override = Path(path), fix
+    if exc.errno in DISK_FULL:
+        free = free_bytes(path.parent)
+        space = []
+        if needed is not None:
+            space.append(f"{human_bytes(needed)} needed")
+        if free is not None:
+            space.append(f"{human_bytes(free)} free")
+        reason = "the disk is full" + (f" ({', '.join(space)})" if space else "")
+        fix = ("Free space on that disk, or write to another folder, then run the command again; "
+               "the files written before are intact (a stopped training continues with `ltuda train --resume`).")
+    elif exc.errno in READ_ONLY:
+        reason = "the folder is read-only" if exc.errno == errno.EROFS else "permission denied"
+        fix = "Choose a folder you can write to, then run the command again."
+    else:
+        reason = exc.strerror or str(exc)
+        fix = "Check the disk and the folder, then run the command again."
+    return LtudaError(f"could not write the {what}: {reason}.", path, fix_override or fix)

@@ -107,6 +107,32 @@ class TeeReporter(Reporter):
             r.log(text)
 
 
+class _LogFile:
+    """An appended log file that never ends a run: on a write error (a full disk) it says so once on
+    stderr and stops writing, so the error that matters (the checkpoint's) is the one reported."""
+
+    def __init__(self, path):
+        self.path = path
+        self.handle = open(path, "a", encoding="utf-8")
+        self.broken = False
+
+    def _guard(self, action, *args):
+        if self.broken:
+            return
+        try:
+            action(*args)
+        except OSError as exc:
+            self.broken = True
+            print(f"warning: {self.path}: cannot be written ({exc.strerror}); the run goes on without it",
+                  file=sys.stderr, flush=True)
+
+    def write(self, text):
+        self._guard(self.handle.write, text)
+
+    def flush(self):
+        self._guard(self.handle.flush)
+
+
 def file_reporter(jsonl_path, log_path) -> Reporter:
     """A JSON-lines event file plus a human log file, both appended (a resumed run keeps its history)."""
-    return JsonlReporter(open(jsonl_path, "a", encoding="utf-8"), open(log_path, "a", encoding="utf-8"))
+    return JsonlReporter(_LogFile(jsonl_path), _LogFile(log_path))

@@ -4,14 +4,21 @@ Loading uses `torch.load(weights_only=True)`, so a model file can never run code
 another schema version or with foreign weights is refused with a message that says so.
 """
 
+import contextlib
+import errno
+import hashlib
+import io
 import json
 import os
+import pickle
+import shlex
+import time
 from pathlib import Path
 
 import torch
 
 from .. import __version__
-from ..errors import LtudaError
+from ..errors import LtudaError, free_bytes, write_error
 from .network import HEADS, LTUDANet, NetworkConfig
 
 SCHEMA = "ltuda-model"
@@ -19,48 +26,110 @@ VERSION = 1
 WEIGHTS = "model.pt"
 
 
-def atomic_torch_save(obj, path) -> None:
+WHAT = {"model.pt": "model weights", "last.pt": "training checkpoint", "model.json": "model description",
+        "config.json": "checkpoint settings"}
+
+
+def _atomic_write_bytes(data, path, what=None) -> None:
+    """Write to PATH.tmp, flush to disk, then rename over PATH: PATH is always the old or the new file.
+
+    A full disk or a read-only folder ends in one LtudaError (what, where, space needed and free, the
+    fix); the temporary file is removed and the previous PATH stays as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    what = what or WHAT.get(path.name, "file")
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(doc: dict, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def safe_torch_load(path, what: str = "checkpoint"):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        free = free_bytes(path.parent)
+        if free is not None and free < len(data):  # refuse before writing anything
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise write_error(exc, path, what, needed=len(data)) from None
+
+
+def atomic_torch_save(obj, path, what=None) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _atomic_write_bytes(buffer.getbuffer(), path, what)
+
+
+def atomic_write_json(doc: dict, path, what=None) -> None:
+    _atomic_write_bytes((json.dumps(doc, indent=2) + "\n").encode("utf-8"), path, what)
+
+
+def safe_torch_load(path, what: str = "checkpoint", data=None, fix=None):
+    """torch.load(weights_only=True) of a file (or of its bytes, `data`), every failure in our own words."""
+    try:
+        source = io.BytesIO(data) if data is not None else path
+        return torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise LtudaError(f"{what} not found", path) from None
-    except Exception as exc:  # corrupt, truncated or carrying pickled objects
-        raise LtudaError(
-            f"is not a readable LTUDA {what} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", path,
-            "Use a file written by `ltuda train`; retrain if it was damaged.",
-        ) from None
+    except pickle.UnpicklingError as exc:  # a pickle that is not tensors and plain numbers: refused
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            raise LtudaError(f"holds Python objects, not only tensors, so it is not an LTUDA {what}; "
+                             "it was not loaded, for safety", path,
+                             fix or "Use a file written by `ltuda train`.") from None
+        raise _damaged(path, what, fix) from None
+    except Exception:  # truncated, overwritten, not a PyTorch file at all
+        raise _damaged(path, what, fix) from None
+
+
+def _damaged(path, what, fix=None, reason=None) -> LtudaError:
+    reason = reason or f"it cannot be read as an LTUDA {what} file"
+    if fix is None and what == "checkpoint":
+        fix = "Restore it from a backup, or start the training again with --overwrite."
+    if fix is None:
+        fix = ("Restore it from a backup, or train again (`ltuda train --resume` continues from the last "
+               "checkpoint when the folder has one).")
+    return LtudaError(f"is damaged or incomplete ({reason})", path, fix)
 
 
 def save_model(model_dir, network: LTUDANet, metadata: dict) -> None:
     """Write weights first, then model.json: a folder with model.json always has matching weights."""
     model_dir = Path(model_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    atomic_torch_save(state, model_dir / WEIGHTS)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    # The digest ties model.json to these exact weights: a reader that catches the folder between the
+    # two writes (a training in progress) sees the mismatch and reads again.
     doc = {"schema": SCHEMA, "version": VERSION, "ltuda_version": __version__, "weights": WEIGHTS,
+           "weights_sha256": hashlib.sha256(buffer.getbuffer()).hexdigest(),
            "network": network.config.to_json(), "heads": list(HEADS)}
     doc.update(metadata)
-    atomic_write_json(doc, model_dir / "model.json")
+    weights, previous = model_dir / WEIGHTS, model_dir / (WEIGHTS + ".prev")
+    with contextlib.suppress(OSError):
+        previous.unlink()
+    kept = False
+    if weights.is_file():  # a second name for the old weights (no space needed), to put back on failure
+        with contextlib.suppress(OSError, AttributeError, NotImplementedError):
+            os.link(weights, previous)
+            kept = True
+    try:
+        _atomic_write_bytes(buffer.getbuffer(), weights)
+        atomic_write_json(doc, model_dir / "model.json")
+    except LtudaError:
+        if kept:  # model.json could not follow (a full disk): the old pair stays together
+            with contextlib.suppress(OSError):
+                os.replace(previous, weights)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            previous.unlink()
 
 
 def read_model_json(model_dir) -> dict:
     model_dir = Path(model_dir)
     path = model_dir / "model.json"
     if not path.is_file():
+        _explain_missing_model(model_dir)
         raise LtudaError("is not an LTUDA model folder (model.json is missing)", model_dir,
                          "Pass the folder written by `ltuda train --out`.")
     try:
@@ -78,16 +147,59 @@ def read_model_json(model_dir) -> dict:
     return doc
 
 
+def _explain_missing_model(model_dir: Path) -> None:
+    """A folder with checkpoints but no model.json: a training that is running, or one that stopped early."""
+    from ..train.lock import in_use_message, live_holder
+
+    if not (model_dir / "checkpoints" / "last.pt").is_file():
+        return
+    holder = live_holder(model_dir)
+    if holder is not None:
+        raise LtudaError(f"has no model yet: {in_use_message(model_dir, holder)}, which has not reached its first "
+                         "validation", model_dir, "Wait until model.json appears in the folder, then try again.")
+    try:
+        dataset = json.loads((model_dir / "checkpoints" / "config.json").read_text(encoding="utf-8"))["dataset"]
+    except (OSError, ValueError, KeyError, TypeError):
+        dataset = "DATASET"
+    command = f"ltuda train --resume --dataset {shlex.quote(str(dataset))} --out {shlex.quote(str(model_dir))}"
+    raise LtudaError(f"training did not finish: run `{command}`", model_dir,
+                     "It continues from the last checkpoint and writes the model (model.json, model.pt).")
+
+
+def _read_matching_weights(model_dir: Path, doc: dict):
+    """(model.json, weights bytes) that belong together; retries while a training replaces them."""
+    for attempt in range(20):
+        weights = model_dir / doc.get("weights", WEIGHTS)
+        try:
+            data = weights.read_bytes()
+        except FileNotFoundError:
+            raise LtudaError("model weights not found", weights,
+                             "Restore model.pt next to model.json, or train again.") from None
+        except OSError as exc:
+            raise LtudaError(f"cannot be read ({exc.strerror})", weights, "Check the file's permissions.") from None
+        expected = doc.get("weights_sha256")
+        if expected is None or hashlib.sha256(data).hexdigest() == expected:
+            return doc, data
+        from ..train.lock import live_holder
+        if live_holder(model_dir) is None or attempt == 19:
+            safe_torch_load(weights, "model weights", data=data)  # the more precise message when unreadable
+            raise _damaged(weights, "model weights", reason="its contents do not match model.json")
+        time.sleep(0.25)  # the training is between writing model.pt and model.json
+        doc = read_model_json(model_dir)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def load_model(model_dir):
     """(network in eval mode, model.json dict)."""
     doc = read_model_json(model_dir)
+    doc, data = _read_matching_weights(Path(model_dir), doc)
     try:
         config = NetworkConfig.from_json(doc["network"])
     except (KeyError, TypeError, ValueError):
         raise LtudaError("has no valid 'network' section", Path(model_dir) / "model.json", "Retrain the model.") from None
     network = LTUDANet(config)
     weights = Path(model_dir) / doc.get("weights", WEIGHTS)
-    state = safe_torch_load(weights, "model weights")
+    state = safe_torch_load(weights, "model weights", data=data)
     try:
         network.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as exc:

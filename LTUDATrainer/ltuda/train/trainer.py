@@ -22,6 +22,7 @@ from ..model.store import atomic_torch_save, atomic_write_json, safe_torch_load,
 from ..validation import validate
 from .config import STAGE_NAMES, TrainConfig
 from .diagnostics import pseudo_label_quality
+from .lock import STOP_NAME, stop_requested as stop_file_present
 from .steps import StepContext, ltuda_step, supervised_step
 
 LAST = Path("checkpoints") / "last.pt"
@@ -94,7 +95,7 @@ class Trainer:
         self.manifest, self.out_dir, self.config, self.report = manifest, Path(out_dir), config, report
         self.classes = manifest.classes
         self.num_classes = len(self.classes)
-        self.cache = SliceCache(cache_dir)
+        self.cache = SliceCache(cache_dir, notify=report.log)
         self.resume = resume
         self.stop_requested = False
         self.device = pick_device(config.device)
@@ -165,8 +166,8 @@ class Trainer:
         }
         atomic_torch_save(state, self.out_dir / LAST)
         atomic_write_json({"config": self.config.to_json(), "best": self.best,
-                           "best_student_dice": self.best_student_dice, "diagnostics": self.diagnostics},
-                          self.out_dir / CONFIG)
+                           "best_student_dice": self.best_student_dice, "diagnostics": self.diagnostics,
+                           "dataset": str(Path(self.manifest.path).absolute())}, self.out_dir / CONFIG)
         self.report.emit("checkpoint", kind="last", path=str(self.out_dir / LAST))
 
     def elapsed(self) -> float:
@@ -224,6 +225,16 @@ class Trainer:
         self.stop_requested = True
         self.report.log("stop requested: saving a checkpoint, then exiting (run again with --resume to continue)")
 
+    def _stop_now(self) -> bool:
+        """A signal, or a STOP file in the model folder (any platform), asks for a clean stop."""
+        if not self.stop_requested and stop_file_present(self.out_dir):
+            self.stop_requested = True
+            with contextlib.suppress(OSError):
+                (self.out_dir / STOP_NAME).unlink()
+            self.report.log(f"stop requested ({STOP_NAME} file in {self.out_dir}): saving a checkpoint, then exiting "
+                            "(run again with --resume to continue)")
+        return self.stop_requested
+
     def run(self) -> dict:
         self._load_data()
         cfg = self.config
@@ -265,7 +276,7 @@ class Trainer:
                     losses, epoch_started = [], time.time()
                     first_iter = start_iter if (stage_index == start_stage and epoch == first_epoch) else 0
                     for iteration in range(first_iter, iters):
-                        if self.stop_requested:
+                        if self._stop_now():
                             self._save_last(stage_index, epoch, iteration)
                             raise StopRequested()
                         batch = self.pool.batch(cfg.batch_size, self.generator)
