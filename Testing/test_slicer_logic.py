@@ -497,3 +497,35 @@ def test_cancel_training_keeps_a_usable_state(trained, tmp_path):
     else:
         assert "no model was saved" in job.message
 
+
+
+# ------------------------------------------------------------------------------ scene untouched
+def nodeCounts(scene):
+    """{class name: number of nodes} of the scene."""
+    counts = {}
+    for i in range(scene.GetNumberOfNodes()):
+        name = scene.GetNthNode(i).GetClassName()
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_export_train_and_predict_leave_the_scene_untouched(scene, logic, tmp_path):
+    """User nodes are only read: exporting, training and predicting add no node to the user's scene
+    (no colour table, no label map), apart from the one new result segmentation and its display node."""
+    slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)  # the application always has one
+    cases = [synthetic.addSyntheticCase(scene, "liverSpleen", ORGANS, ["liver", "spleen"], seed=60),
+             synthetic.addSyntheticCase(scene, "kidneyLiver", ORGANS, ["kidney", "liver"], flip=True, seed=61)]
+    logic.addCasesFromNodes(cases)
+    before = nodeCounts(scene)
+    logic.exportTrainingData(str(tmp_path / "export"))
+    assert nodeCounts(scene) == before
+    job = logic.train(str(tmp_path / "model"), device="cpu", epochsStage1=1, epochsStage2=1, extraArgs=TINY,
+                      waitForCompletion=True)
+    assert job.status == jobs.COMPLETED, job.message
+    assert nodeCounts(scene) == before
+    result = logic.predict(cases[0][0], model=job.modelDir, device="cpu").segmentationNode
+    after = nodeCounts(scene)
+    added = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
+    assert {k: v for k, v in added.items() if v} == {"vtkMRMLSegmentationNode": 1,
+                                                     "vtkMRMLSegmentationDisplayNode": 1}
+    assert result.GetSegmentation().GetNumberOfSegments() == len(ORGANS)
