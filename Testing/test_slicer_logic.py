@@ -529,3 +529,82 @@ def test_export_train_and_predict_leave_the_scene_untouched(scene, logic, tmp_pa
     assert {k: v for k, v in added.items() if v} == {"vtkMRMLSegmentationNode": 1,
                                                      "vtkMRMLSegmentationDisplayNode": 1}
     assert result.GetSegmentation().GetNumberOfSegments() == len(ORGANS)
+
+
+# ------------------------------------------------------------------------------------ transforms
+TRANSFORMS = {
+    "translated": (0.0, (30.0, -12.0, 7.5)),
+    "rotated": (30.0, (0.0, 0.0, 0.0)),
+    "rotated+translated": (-50.0, (25.0, 40.0, -10.0)),
+}
+
+
+def _transformNode(scene, kind):
+    angle, shift = TRANSFORMS[kind]
+    transform = vtk.vtkTransform()
+    transform.Translate(*shift)
+    transform.RotateWXYZ(angle, 0.3, 0.2, 1.0)  # an oblique axis: not a permutation of voxel axes
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", kind)
+    node.SetMatrixTransformToParent(transform.GetMatrix())
+    return node
+
+
+def _toClosedSurface(segmentation):
+    segmentation.CreateClosedSurfaceRepresentation()
+    seg = segmentation.GetSegmentation()
+    closedSurface = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    (getattr(seg, "SetSourceRepresentationName", None) or seg.SetMasterRepresentationName)(closedSurface)
+    seg.RemoveRepresentation(slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName())
+
+
+def _dice(a, b):
+    return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("source", ["labelmap", "closedSurface"])
+@pytest.mark.parametrize("kind", list(TRANSFORMS))
+def test_export_under_a_parent_transform_matches_the_untransformed_labels(scene, logic, tmp_path, kind, source):
+    """Volume and segmentation under the same transform (translated, rotated, both): the exported
+    labels equal those without the transform. And with the segmentation's transform hardened
+    (segmentation in world coordinates, volume still under the transform) they still match."""
+    logic.setOrgans(["liver", "spleen"])
+    volume, segmentation = synthetic.addSyntheticCase(scene, "ct", ORGANS, ["liver", "spleen"], seed=70)
+    seg = segmentation.GetSegmentation()
+    values = {seg.GetNthSegmentID(0): 1, seg.GetNthSegmentID(1): 2}
+    original = labelArrayOnVolume(volume, segmentation, values)
+    if source == "closedSurface":
+        _toClosedSurface(segmentation)
+    reference = labelArrayOnVolume(volume, segmentation, values)  # no transform yet
+    assert _dice(reference == 1, original == 1) > 0.9 and _dice(reference == 2, original == 2) > 0.8
+    if source == "labelmap":
+        assert np.array_equal(reference, original)
+
+    transform = _transformNode(scene, kind)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    segmentation.SetAndObserveTransformNodeID(transform.GetID())
+    assert np.array_equal(labelArrayOnVolume(volume, segmentation, values), reference)
+    # through the logic, as Start does: the label file written for training holds the same labels
+    logic.addCase(volume, segmentation)
+    manifestPath = logic.exportTrainingData(str(tmp_path / "export"))
+    entry = json.loads(Path(manifestPath).read_text(encoding="utf-8"))["cases"][0]
+    exported = slicer.util.arrayFromVolume(readLabelFile(scene, Path(manifestPath).parent / entry["label"]))
+    assert np.array_equal(exported, reference)
+
+    # the segmentation hardened into world coordinates, the volume still under the transform
+    segmentation.HardenTransform()
+    assert segmentation.GetParentTransformNode() is None
+    hardened = labelArrayOnVolume(volume, segmentation, values, checkFit=source == "closedSurface")
+    for value in (1, 2):
+        assert _dice(hardened == value, reference == value) > (0.999 if kind == "translated" else 0.9)
+
+
+def test_closed_surface_outside_the_volume_is_reported_as_such(scene):
+    volume, segmentation = synthetic.addSyntheticCase(scene, "ct", ORGANS, ["liver"], seed=71)
+    _toClosedSurface(segmentation)
+    away = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "away")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 500.0)
+    away.SetMatrixTransformToParent(matrix)
+    segmentation.SetAndObserveTransformNodeID(away.GetID())
+    with pytest.raises(LTUDAError, match="'liver' of 'ct labels' lies outside the volume 'ct'"):
+        labelArrayOnVolume(volume, segmentation, {segmentation.GetSegmentation().GetNthSegmentID(0): 1})
