@@ -608,3 +608,51 @@ def test_closed_surface_outside_the_volume_is_reported_as_such(scene):
     segmentation.SetAndObserveTransformNodeID(away.GetID())
     with pytest.raises(LTUDAError, match="'liver' of 'ct labels' lies outside the volume 'ct'"):
         labelArrayOnVolume(volume, segmentation, {segmentation.GetSegmentation().GetNthSegmentID(0): 1})
+
+
+def _referenceGeometryToWorld(segmentationNode):
+    """IJK->world matrix (4x4 array) of the segmentation's reference image geometry."""
+    geometry = slicer.vtkOrientedImageData()
+    text = segmentationNode.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(text, geometry)
+    local = vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(local)
+    toWorld = vtk.vtkMatrix4x4()
+    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(segmentationNode.GetParentTransformNode(), None, toWorld)
+    return _matrixToArray(toWorld) @ _matrixToArray(local), geometry.GetExtent()
+
+
+def _matrixToArray(matrix):
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+@pytest.mark.parametrize("kind", ["translated", "rotated+translated"])
+def test_imported_prediction_overlays_a_transformed_volume_in_world_coordinates(scene, tmp_path, kind):
+    volume, truth = synthetic.addSyntheticCase(scene, "patient", ORGANS, ["liver", "spleen"], seed=72)
+    path = tmp_path / "prediction.seg.nrrd"  # what the backend writes: the volume's own (local) geometry
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.WriteData(truth)
+    truthIds = [truth.GetSegmentation().GetNthSegmentID(i) for i in range(2)]
+    expected = [labelArrayOnVolume(volume, truth, {i: 1}) for i in truthIds]
+    transform = _transformNode(scene, kind)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    node = importPrediction(scene, path, volume, show3D=False)
+    assert node.GetParentTransformNode() is transform
+    assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is volume
+    volumeToWorld = vtk.vtkMatrix4x4()
+    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(transform, None, volumeToWorld)
+    volumeGrid = _matrixToArray(volumeToWorld) @ _matrix_array(volume)
+    segmentationGrid, extent = _referenceGeometryToWorld(node)
+    assert np.allclose(segmentationGrid, volumeGrid, atol=1e-4), (segmentationGrid, volumeGrid)
+    assert extent == volume.GetImageData().GetExtent()
+    # the segments themselves lie on the volume's voxels
+    seg = node.GetSegmentation()
+    for i in range(2):
+        ours = labelArrayOnVolume(volume, node, {seg.GetNthSegmentID(i): 1})
+        assert np.array_equal(ours, expected[i]) and ours.any()
+
+
+def _matrix_array(volume):
+    return _matrixToArray(_matrix(volume))

@@ -29,10 +29,11 @@ def importPrediction(scene, segPath, volumeNode, name=None, show3D=True):
     try:
         node.CreateDefaultDisplayNodes()
         readSegmentationFile(segPath, node)
-        node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), volumeNode.GetID())
+        # The transform first: the geometry setter maps the volume's grid into the segmentation's
+        # coordinates (through both parent transforms) and adds the reference-geometry reference itself.
         if volumeNode.GetParentTransformNode() is not None:
             node.SetAndObserveTransformNodeID(volumeNode.GetParentTransformNode().GetID())
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         if node.GetSegmentation().GetNumberOfSegments() == 0:
             raise LTUDAError(f"The prediction {segPath} contains no segment.")
         if show3D:
