@@ -152,6 +152,9 @@ class LTUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._probeTimer = None
         self._probeThen = None
         self._plotShown = False
+        self._waitCursors = 0  # wait cursors this widget has pushed and not restored yet
+        self._startingTraining = False
+        self._startingSegment = False
 
     # -- life cycle -----------------------------------------------------------------------------
     def setup(self):
@@ -216,8 +219,11 @@ class LTUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def cleanup(self):
         self.removeObservers()
         self._refreshTimer.stop()
-        if self._probeRunner is not None:
-            self._probeRunner.kill()
+        try:
+            slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
+        except Exception:  # already disconnected
+            pass
+        self._stopProbe()
         if self._parameterNode and self._parameterNodeGuiTag:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -299,25 +305,50 @@ class LTUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if statusLabel is not None:
             self.showStatus(statusLabel, "")
         if waitCursor:
-            slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+            self._pushWaitCursor()
         try:
             yield
         except LTUDAError as exc:
-            self._restoreCursor(waitCursor)
-            waitCursor = False
+            if waitCursor:
+                self._popWaitCursor()
+                waitCursor = False
             self.showError(str(exc), exc.details, statusLabel)
         except Exception as exc:
-            self._restoreCursor(waitCursor)
-            waitCursor = False
+            if waitCursor:
+                self._popWaitCursor()
+                waitCursor = False
             logging.error(traceback.format_exc())
             self.showError(_("Unexpected error: {error}").format(error=exc), traceback.format_exc(), statusLabel)
         finally:
-            self._restoreCursor(waitCursor)
+            if waitCursor:
+                self._popWaitCursor()
 
-    @staticmethod
-    def _restoreCursor(active):
-        if active:
+    def _pushWaitCursor(self):
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+        self._waitCursors += 1
+
+    def _popWaitCursor(self):
+        if self._waitCursors > 0:
             slicer.app.restoreOverrideCursor()
+            self._waitCursors -= 1
+
+    @contextlib.contextmanager
+    def noWaitCursor(self):
+        """The normal cursor while a dialog asks the user something; the wait cursors come back after."""
+        count = self._waitCursors
+        for _i in range(count):
+            self._popWaitCursor()
+        try:
+            yield
+        finally:
+            for _i in range(count):
+                self._pushWaitCursor()
+
+    def confirm(self, text, yesNo=False):
+        with self.noWaitCursor():
+            if yesNo:
+                return slicer.util.confirmYesNoDisplay(text)
+            return slicer.util.confirmOkCancelDisplay(text)
 
     def showError(self, message, details="", statusLabel=None):
         if statusLabel is not None:
@@ -395,6 +426,15 @@ class LTUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._probeTimer.timeout.connect(self._onProbeTick)
             self._probeTimer.start()
 
+    def _stopProbe(self):
+        if self._probeTimer is not None:
+            self._probeTimer.stop()
+            self._probeTimer = None
+        if self._probeRunner is not None:
+            self._probeRunner.kill()
+            self._probeRunner = None
+        self._probeThen = None
+
     def _onProbeTick(self):
         from LTUDASegmentationLib.backend import parseProbeOutput
         from LTUDASegmentationLib.runner import EXIT
@@ -460,44 +500,56 @@ class LTUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                     raise LTUDAError(_("torch is installed through the PyTorch extension, which is missing: install "
                                        "'PyTorch' from the Extensions Manager, restart Slicer and click Install "
                                        "again.")) from None
-                slicer.app.restoreOverrideCursor()
-                if not slicer.util.confirmOkCancelDisplay(
+                if not self.confirm(
                         _("PyTorch (about 1-3 GB) will be downloaded and installed into Slicer's Python by the "
                           "PyTorch extension; it picks the CUDA build that matches your GPU driver. This can take "
                           "several minutes without visible progress. Continue?")):
-                    slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+                    self.showDeclined(["torch"])
                     return
-                slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
                 torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
                     askConfirmation=False, torchVersionRequirement=">=" + "2.0")
                 if torch is None:
+                    self.showDeclined(["torch"])
                     return
-            if others:
-                self._pipInstall(others)
+            if others and not self._pipInstall(others):
+                self.showDeclined(others)
+                return
             self.showStatus(self.ui.backendStatusLabel, _("Installed. Checking again..."))
         self.onCheckBackend()
 
+    def showDeclined(self, names):
+        """Say what the user declined to install and what still works (in the panel, no message box)."""
+        self.showStatus(self.ui.backendStatusLabel, _(
+            "You declined installing {packages} into Slicer's Python: nothing was installed. Training and "
+            "segmentation need it; organs, training cases and 'Add missing labels' still work. Click Install again "
+            "when you are ready, or choose an external Python that has these packages (Backend Python above)."
+        ).format(packages=", ".join(names)), error=True)
+
     def _pipInstall(self, names):
+        """Install the pip packages among `names`; False when the user declined."""
         requirements = self.resourcePath("requirements.txt")
         if hasattr(slicer, "packaging"):
             # Slicer 5.12+: checks, asks, shows progress, offers a restart; never touches torch/numpy/SimpleITK.
-            slicer.packaging.pip_ensure(slicer.packaging.load_requirements(requirements),
-                                        skip_packages=["torch", "numpy", "SimpleITK"], requester="LTUDA")
-            return
+            try:
+                with self.noWaitCursor():
+                    slicer.packaging.pip_ensure(slicer.packaging.load_requirements(requirements),
+                                                skip_packages=["torch", "numpy", "SimpleITK"], requester="LTUDA")
+            except RuntimeError as exc:
+                if "declined" in str(exc).lower():
+                    return False
+                raise
+            return True
         specs = {"monai": "monai>=1.3", "pynrrd": "pynrrd>=1.0"}
         wanted = [specs[n] for n in names if n in specs]
         if not wanted:
-            return
-        slicer.app.restoreOverrideCursor()
-        ok = slicer.util.confirmOkCancelDisplay(
-            _("These Python packages will be downloaded and installed into Slicer's Python: {packages}. "
-              "Continue?").format(packages=", ".join(wanted)))
-        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
-        if not ok:
-            return
+            return True
+        if not self.confirm(_("These Python packages will be downloaded and installed into Slicer's Python: "
+                              "{packages}. Continue?").format(packages=", ".join(wanted))):
+            return False
         for spec in wanted:
             # MONAI only needs torch and numpy, which are present: --no-deps keeps Slicer's numpy untouched.
             slicer.util.pip_install(("--no-deps " if spec.startswith("monai") else "") + spec)
+        return True
 
     # -- organs -------------------------------------------------------------------------------------
     def refreshOrgans(self):
@@ -672,22 +724,39 @@ class LTUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     # -- training -----------------------------------------------------------------------------------
     def onStartTraining(self):
+        if self._startingTraining:
+            return
         folder = self.ui.modelFolderPathLineEdit.currentPath or self.logic.defaultModelFolder()
         resume = False
         if os.path.isfile(os.path.join(folder, "checkpoints", "last.pt")):
-            resume = slicer.util.confirmYesNoDisplay(
+            resume = self.confirm(
                 _("{folder} holds a stopped training. Resume it?\n(No: nothing is started; choose another model "
-                  "folder for a new training.)").format(folder=folder))
+                  "folder for a new training.)").format(folder=folder), yesNo=True)
             if not resume:
                 return
         self.withReadyBackend(lambda: self._startTraining(folder, resume), self.ui.trainingStatusLabel)
 
     def _startTraining(self, folder, resume):
+        if self._startingTraining:
+            return
+        # Disabled before anything processes events, so a double click cannot start a second export.
+        self._startingTraining = True
+        self.ui.startTrainingButton.enabled = False
+        try:
+            self._exportAndTrain(folder, resume)
+        finally:
+            self._startingTraining = False
+        job = self.logic.trainingJob
+        if job is None or job.finished:
+            self.ui.trainingProgressBar.hide()
+        self.updateButtonStates()
+
+    def _exportAndTrain(self, folder, resume):
         p = self._parameterNode
         with self.guard(self.ui.trainingStatusLabel):
             probe = self.logic.lastProbe
             if p.preset == "paper" and probe is not None and not probe.gpu and p.device != "cuda":
-                if not slicer.util.confirmOkCancelDisplay(
+                if not self.confirm(
                         _("The 'paper' preset is meant for a GPU; on this CPU it can take days. Use it anyway?")):
                     return
             self.ui.trainingLogTextEdit.clear()
@@ -703,10 +772,6 @@ class LTUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                              ignoreUnmatched=p.ignoreUnmatched, keepWorkFiles=p.keepWorkFiles, resume=resume,
                              waitForCompletion=False, onUpdate=self.onTrainingUpdate, onLog=self.onTrainingLog,
                              onFinished=self.onTrainingFinished)
-        job = self.logic.trainingJob
-        if job is None or job.finished:
-            self.ui.trainingProgressBar.hide()
-        self.updateButtonStates()
 
     def onTrainingUpdate(self, job):
         progress = job.progress
@@ -792,9 +857,25 @@ class LTUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.refreshModels(select=info.path)
 
     def onApply(self):
+        if self._startingSegment:
+            return
         self.withReadyBackend(self._startSegmenting, self.ui.segmentStatusLabel)
 
     def _startSegmenting(self):
+        if self._startingSegment:
+            return
+        self._startingSegment = True
+        self.ui.applyButton.enabled = False  # before processEvents: a double click starts one segmentation
+        try:
+            self._exportAndSegment()
+        finally:
+            self._startingSegment = False
+        job = self.logic.predictionJob
+        if job is None or job.finished:
+            self.ui.segmentProgressBar.hide()
+        self.updateButtonStates()
+
+    def _exportAndSegment(self):
         p = self._parameterNode
         with self.guard(self.ui.segmentStatusLabel):
             self.ui.segmentProgressBar.show()
@@ -804,10 +885,6 @@ class LTUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.logic.predict(p.inputVolume, self.ui.modelComboBox.currentData, head=p.head,
                                postprocess=p.postprocess, device=p.segmentDevice, waitForCompletion=False,
                                onUpdate=self.onSegmentUpdate, onFinished=self.onSegmentFinished)
-        job = self.logic.predictionJob
-        if job is None or job.finished:
-            self.ui.segmentProgressBar.hide()
-        self.updateButtonStates()
 
     def onSegmentUpdate(self, job):
         fraction = job.fraction()
@@ -859,14 +936,17 @@ class LTUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         ui.removeCaseButton.enabled = selected
         ui.addMissingLabelsButton.enabled = selected
 
-        training = self.logic.trainingJob is not None and not self.logic.trainingJob.finished
+        training = self._startingTraining or (self.logic.trainingJob is not None and
+                                              not self.logic.trainingJob.finished)
         problems = [] if training else self.logic.checkCanTrain(ignoreUnmatched=bool(p and p.ignoreUnmatched))
         ui.startTrainingButton.enabled = not training and not problems
         ui.startTrainingButton.toolTip = ("\n".join(problems) if problems else
                                           _("Export the cases and train a model in a separate process."))
-        ui.cancelTrainingButton.enabled = training and self.logic.trainingJob.status == ltudaJobs.RUNNING
+        ui.cancelTrainingButton.enabled = (training and self.logic.trainingJob is not None and
+                                           self.logic.trainingJob.status == ltudaJobs.RUNNING)
 
-        predicting = self.logic.predictionJob is not None and not self.logic.predictionJob.finished
+        predicting = self._startingSegment or (self.logic.predictionJob is not None and
+                                               not self.logic.predictionJob.finished)
         missing = []
         if p is None or p.inputVolume is None:
             missing.append(_("Choose the input volume."))
@@ -874,7 +954,8 @@ class LTUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             missing.append(_("Train a model or add a model folder."))
         ui.applyButton.enabled = not predicting and not missing
         ui.applyButton.toolTip = "\n".join(missing) if missing else _("Segment the volume into a new segmentation.")
-        ui.cancelSegmentButton.enabled = predicting and self.logic.predictionJob.status == ltudaJobs.RUNNING
+        ui.cancelSegmentButton.enabled = (predicting and self.logic.predictionJob is not None and
+                                          self.logic.predictionJob.status == ltudaJobs.RUNNING)
 
 
 #

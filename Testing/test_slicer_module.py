@@ -336,3 +336,135 @@ def test_tiny_synthetic_volumes_are_partially_labelled(scene):
     image = slicer.util.arrayFromVolume(volume)
     assert image.shape == (12, 40, 40) and image.dtype == np.int16
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+
+
+# ------------------------------------------------------------------------ small panel defects
+def _readyProbe(logic):
+    from LTUDASegmentationLib.backend import ProbeResult
+
+    return ProbeResult({"packages": {"torch": "2.13", "monai": "1.4", "SimpleITK": "2.4", "numpy": "2.0",
+                                     "pynrrd": "1.1", "ltuda": "0.1"}}, logic.backend())
+
+
+def _trackCursor(monkeypatch):
+    """Count override cursors like QApplication does (set pushes, restore pops)."""
+    depth = {"now": 0}
+
+    def push(*args):
+        depth["now"] += 1
+
+    def pop(*args):
+        depth["now"] -= 1
+
+    slicer.app.setOverrideCursor.side_effect = push
+    slicer.app.restoreOverrideCursor.side_effect = pop
+    return depth
+
+
+def test_cleanup_disconnects_about_to_quit_and_stops_the_probe(scene, moduleFile):
+    qt = sys.modules["qt"]
+    qt.QTimer.side_effect = lambda *args: mock.MagicMock(name="QTimer")  # one object per timer
+    widget = moduleFile.LTUDASegmentationWidget()
+    widget.setup()
+    slicer.app.connect.assert_any_call("aboutToQuit()", widget.onAboutToQuit)
+    widget.onCheckBackend()  # a real probe subprocess, still running
+    runner, timer = widget._probeRunner, widget._probeTimer
+    assert runner is not None and timer is not None
+    widget.cleanup()
+    slicer.app.disconnect.assert_any_call("aboutToQuit()", widget.onAboutToQuit)
+    timer.stop.assert_called()
+    assert runner.killed and widget._probeRunner is None and widget._probeTimer is None
+
+
+def test_double_click_on_start_begins_one_training(scene, moduleFile, tmp_path):
+    widget = moduleFile.LTUDASegmentationWidget()
+    widget.setup()
+    ui, logic, messages = widget.ui, widget.logic, moduleFile.testMessages
+    logic.setOrgans(["liver", "spleen"])
+    logic.addCase(*synthetic.addSyntheticCase(scene, "ct", ["liver", "spleen"], ["liver", "spleen"], seed=80))
+    logic.lastProbe = _readyProbe(logic)
+    params = widget._parameterNode
+    params.epochsStage1 = params.epochsStage2 = 1
+    params.device = "cpu"
+    ui.modelFolderPathLineEdit.currentPath = str(tmp_path / "model")
+    widget.updateButtonStates()
+    assert ui.startTrainingButton.enabled is True
+    starts = []
+    realTrain = logic.train
+
+    def train(*args, **kwargs):
+        starts.append(args)
+        return realTrain(*args, extraArgs=TINY, **kwargs)
+
+    logic.train = train
+    clicks = []
+
+    def processEvents(*args):
+        # Qt delivers the second click of a double click here; a disabled button emits nothing
+        if not clicks and ui.startTrainingButton.enabled:
+            clicks.append(True)
+            widget.onStartTraining()
+
+    slicer.app.processEvents.side_effect = processEvents
+    widget.onStartTraining()
+    assert len(starts) == 1, messages["error"]
+    assert messages["error"] == []
+    assert logic.trainingJob.wait(timeout=600) == jobs.COMPLETED, logic.trainingJob.message
+    widget.cleanup()
+
+
+def test_wait_cursor_is_not_shown_over_confirmation_dialogs(scene, moduleFile, monkeypatch):
+    widget = moduleFile.LTUDASegmentationWidget()
+    widget.setup()
+    logic = widget.logic
+    depth = _trackCursor(monkeypatch)
+    seen = []
+
+    def confirm(text, **kwargs):
+        seen.append((depth["now"], text))
+        return False  # decline: nothing is started or installed
+
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", confirm)
+    # the 'paper' preset on a machine without GPU asks first
+    logic.setOrgans(["liver"])
+    logic.addCase(*synthetic.addSyntheticCase(scene, "ct", ["liver"], ["liver"], seed=81))
+    logic.lastProbe = _readyProbe(logic)
+    widget._parameterNode.preset = "paper"
+    widget._startTraining("unused", False)
+    # installing packages into Slicer's Python asks first (before Slicer 5.12: our own dialog)
+    logic.setBackendPython(None)
+    probe = _readyProbe(logic)
+    probe.report["packages"]["monai"] = None
+    logic.lastProbe = probe
+    monkeypatch.delattr(slicer, "packaging", raising=False)
+    widget.onInstall()
+    assert len(seen) == 2 and [d for d, _t in seen] == [0, 0], seen
+    assert depth["now"] == 0 and logic.trainingJob is None
+    widget.cleanup()
+
+
+def test_declined_package_install_says_what_was_declined(scene, moduleFile, monkeypatch):
+    widget = moduleFile.LTUDASegmentationWidget()
+    widget.setup()
+    logic, messages = widget.logic, moduleFile.testMessages
+    depth = _trackCursor(monkeypatch)
+    logic.setBackendPython(None)
+    probe = _readyProbe(logic)
+    probe.report["packages"]["monai"] = None
+    logic.lastProbe = probe
+    packaging = types.SimpleNamespace(load_requirements=lambda path: ["monai>=1.3", "pynrrd>=1.0"])
+
+    def pipEnsure(requirements, **kwargs):
+        assert depth["now"] == 0, "pip_ensure shows its own confirmation dialog"
+        raise RuntimeError("User declined package installation")  # what Slicer 5.12 raises
+
+    packaging.pip_ensure = pipEnsure
+    monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
+    widget.onInstall()
+    message = widget.ui.backendStatusLabel.text
+    assert "Unexpected error" not in message and not any("Unexpected error" in m for m in messages["error"])
+    assert "monai" in message and "declined" in message and "nothing was installed" in message
+    assert "still work" in message and "external Python" in message  # what still works, and the way out
+    assert messages["error"] == []  # the user just said no: an inline note, no message box
+    assert depth["now"] == 0
+    widget.cleanup()
