@@ -656,3 +656,54 @@ def test_imported_prediction_overlays_a_transformed_volume_in_world_coordinates(
 
 def _matrix_array(volume):
     return _matrixToArray(_matrix(volume))
+
+
+# ------------------------------------------------------------------------------------ scan cache
+def test_case_scan_is_cached_until_a_node_changes(scene, logic, monkeypatch):
+    """updateButtonStates asks for the case table on every parameter change and progress tick: a
+    case is scanned again only when its volume, segmentation, a segment, a transform or the organs change."""
+    from LTUDASegmentationLib import logic as logicModule
+
+    scans = []
+    realScan = logicModule.scanCase
+
+    def countingScan(case, organs, *args, **kwargs):
+        scans.append(case.name)
+        return realScan(case, organs, *args, **kwargs)
+
+    monkeypatch.setattr(logicModule, "scanCase", countingScan)
+    volume, segmentation = synthetic.addSyntheticCase(scene, "ct", ORGANS, ["liver"], seed=90)
+    other = synthetic.addSyntheticCase(scene, "other", ORGANS, ["spleen", "kidney"], seed=91)
+    logic.addCase(volume, segmentation)
+    logic.addCase(*other)
+    scans.clear()
+    for _ in range(3):
+        logic.checkCanTrain()
+        logic.caseTable()
+    assert sorted(scans) == ["ct", "other"]
+
+    def rescanned(change):
+        scans.clear()
+        change()
+        table = logic.caseTable()
+        logic.checkCanTrain()
+        assert scans == ["ct"], scans  # only the changed case, once
+        return table[0]
+
+    seg = segmentation.GetSegmentation()
+    spleen = rescanned(lambda: addSegmentForOrgan(segmentation, organs.organClass("spleen", 2)))
+    assert spleen["organs"]["spleen"] == "empty"
+    spleenId = seg.GetSegmentIdBySegmentName("spleen")
+    mask = labelArrayOnVolume(volume, segmentation, {seg.GetNthSegmentID(0): 1}) > 0
+    painted = rescanned(lambda: setSegmentFromMask(segmentation, spleenId, mask, _matrix(volume)))
+    assert painted["organs"]["spleen"] == "labelled"
+    seg.GetSegment(spleenId).SetTerminology("")  # matched by name from now on
+    renamed = rescanned(lambda: seg.GetSegment(spleenId).SetName("tumour"))
+    assert renamed["unmatched"] == ["tumour"] and renamed["organs"]["spleen"] == "missing"
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    moved = rescanned(lambda: volume.SetAndObserveTransformNodeID(transform.GetID()))
+    assert any("different transforms" in p for p in moved["problems"])
+    scans.clear()
+    logic.removeOrgan("kidney")
+    logic.caseTable()
+    assert sorted(scans) == ["ct", "other"]  # another organ list: every case again

@@ -12,7 +12,7 @@ import shutil
 
 from . import jobs as jobsModule
 from .backend import Backend
-from .cases import Case, requireUsable, scanCase, summarize
+from .cases import Case, requireUsable, scanCase, scanSignature, summarize
 from .errors import LTUDAError
 from .export import exportTrainingData
 from .folders import findImageLabelPairs, parseValueMap
@@ -57,6 +57,7 @@ class LTUDALogicCore:
         self.predictionJob = None
         self.lastProbe = None
         self._plotNodes = None
+        self._scanCache = {}  # id(case) -> (scanSignature, CaseStatus)
 
     # ---------------------------------------------------------------------------------- scene
     @property
@@ -218,8 +219,21 @@ class LTUDALogicCore:
         return False
 
     def caseStatuses(self):
+        """CaseStatus of every case; a scene case is scanned again only when one of its nodes, segments,
+        transforms or the organ list changed since the last scan (the panel asks on every update)."""
         self.pruneCases()
-        return [scanCase(c, self.organs) for c in self.cases]
+        statuses, cache = [], {}
+        for case in self.cases:
+            signature = scanSignature(case, self.organs)
+            cached = self._scanCache.get(id(case))
+            if signature is not None and cached is not None and cached[0] == signature and cached[1].case is case:
+                status = cached[1]
+            else:
+                status = scanCase(case, self.organs)
+            cache[id(case)] = (signature, status)
+            statuses.append(status)
+        self._scanCache = cache
+        return statuses
 
     def caseTable(self):
         """One row per case: {"name", "volume", "segmentation", "organs": {organ: 'labelled'|'empty'|
