@@ -52,7 +52,8 @@ only the liver, another only the spleen, your own cases maybe the kidneys and th
 does not outline is <i>unknown</i> in that case, not background. LTUDA (labelled-to-unlabelled distribution
 alignment) learns all organs at once from such cases; you never have to draw every organ in every case.</p>
 <ol>
-<li><b>Setup</b>: check that the backend Python has torch, MONAI and the LTUDA package (or install them).</li>
+<li><b>Setup</b>: check that the backend Python has torch, MONAI and the LTUDA package (or install them). A typed
+external Python path is checked when you press Enter or leave the field; a problem is shown under it.</li>
 <li><b>Organs</b>: the organs to learn (preset: liver, spleen, kidney, pancreas).</li>
 <li><b>Training cases</b>: add volumes with their segmentations, or import a folder of image/label files. A segment
 counts when it matches an organ (standard terminology, else name) and is not empty. <i>Add missing labels</i>
@@ -60,7 +61,9 @@ adds empty segments for the organs a case lacks and opens the Segment Editor.</l
 <li><b>Train</b>: runs in a separate process; Slicer stays usable. Cancel keeps the last checkpoint.</li>
 <li><b>Segment</b>: pick a model and a volume; the result is a new segmentation, one segment per organ.</li>
 </ol>
-<p>Training and segmentation never modify your volumes and segmentations. Requires 3D Slicer 5.10 or later.
+<p>Training and segmentation never modify your volumes and segmentations and add nothing to the scene but the new
+result segmentation. Volumes and segmentations under a linear transform are supported. Requires 3D Slicer 5.10 or
+later.
 The same steps are available from the Python console: <code>slicer.util.getModuleLogic("LTUDASegmentation")</code>
 (see the extension's README).</p>
 """
@@ -188,7 +191,9 @@ class LTUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
         ui = self.ui
         ui.slicerPythonRadioButton.toggled.connect(self.onBackendChoiceChanged)
-        ui.externalPythonPathLineEdit.currentPathChanged.connect(self.onBackendChoiceChanged)
+        # currentPathChanged comes on every keystroke: a typed path is checked when editing finishes
+        ui.externalPythonPathLineEdit.currentPathChanged.connect(self.onExternalPythonPathChanged)
+        self._externalPythonTextEdit().editingFinished.connect(self.onBackendChoiceChanged)
         ui.workFolderPathLineEdit.currentPathChanged.connect(self.onWorkFolderChanged)
         ui.checkBackendButton.clicked.connect(self.onCheckBackend)
         ui.installButton.clicked.connect(self.onInstall)
@@ -376,15 +381,35 @@ class LTUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             w.blockSignals(blocked)
         self.ui.modelFolderPathLineEdit.currentPath = self.logic.defaultModelFolder()
 
+    def _externalPythonTextEdit(self):
+        return self.ui.externalPythonPathLineEdit.comboBox().lineEdit()
+
+    def onExternalPythonPathChanged(self, path):
+        """A path browsed to or picked from the history is checked at once; one being typed (the
+        field has the focus) when editing finishes (Enter or leaving the field)."""
+        if self._externalPythonTextEdit().hasFocus():
+            return
+        self.onBackendChoiceChanged()
+
     def onBackendChoiceChanged(self, *args):
+        """Use Slicer's Python or the external one; a problem with the path is shown under the field."""
         external = self.ui.externalPythonRadioButton.checked
         self.ui.externalPythonPathLineEdit.enabled = external
         path = self.ui.externalPythonPathLineEdit.currentPath if external else ""
         if external and not path:
-            return  # wait until a path is chosen
-        with self.guard(self.ui.backendStatusLabel, waitCursor=False):
+            self.showStatus(self.ui.externalPythonStatusLabel, _("Choose the python executable of the environment."))
+            return
+        if (path or None) == self.logic.backendPython():
+            self.showStatus(self.ui.externalPythonStatusLabel, "")
+            return  # nothing changed (editing finished twice, or the same file browsed to again)
+        try:
             self.logic.setBackendPython(path or None)
-            self.showStatus(self.ui.backendStatusLabel, _("Not checked yet: click Check."))
+        except LTUDAError as exc:
+            self.showStatus(self.ui.externalPythonStatusLabel, str(exc), error=True)
+            self.updateButtonStates()
+            return
+        self.showStatus(self.ui.externalPythonStatusLabel, "")
+        self.showStatus(self.ui.backendStatusLabel, _("Not checked yet: click Check."))
         self.updateButtonStates()
 
     def onWorkFolderChanged(self, path):

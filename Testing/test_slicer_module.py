@@ -468,3 +468,39 @@ def test_declined_package_install_says_what_was_declined(scene, moduleFile, monk
     assert messages["error"] == []  # the user just said no: an inline note, no message box
     assert depth["now"] == 0
     widget.cleanup()
+
+
+def test_external_python_is_checked_when_editing_finishes_and_shown_inline(scene, moduleFile, tmp_path):
+    """ctkPathLineEdit emits currentPathChanged on every keystroke: typing a path must not show one
+    message box per key; the path is checked when editing finishes (or a file is browsed to) and a
+    problem is shown under the field."""
+    widget = moduleFile.LTUDASegmentationWidget()
+    widget.setup()
+    ui, logic, messages = widget.ui, widget.logic, moduleFile.testMessages
+    edit = ui.externalPythonPathLineEdit
+    lineEdit = edit.comboBox.return_value.lineEdit.return_value
+    pathChanged = [c.args[0] for c in edit.currentPathChanged.connect.call_args_list]
+    assert pathChanged
+    before = logic.backendPython()
+    ui.externalPythonRadioButton.checked, ui.slicerPythonRadioButton.checked = True, False
+    lineEdit.hasFocus.return_value = True  # the user types
+    typed = str(tmp_path / "env" / "bin" / "python")
+    for end in range(1, len(typed) + 1):
+        edit.currentPath = typed[:end]
+        for handler in pathChanged:
+            handler(typed[:end])
+    assert messages["error"] == [] and logic.backendPython() == before
+    editingFinished = [c.args[0] for c in lineEdit.editingFinished.connect.call_args_list]
+    assert editingFinished
+    for handler in editingFinished:  # Enter, or focus leaves the field
+        handler()
+    assert messages["error"] == [], "shown in the panel, not in a message box"
+    assert "is not a file" in ui.externalPythonStatusLabel.text and logic.backendPython() == before
+    # browsing to a file (the field does not have the focus): checked and used at once
+    lineEdit.hasFocus.return_value = False
+    edit.currentPath = sys.executable
+    for handler in pathChanged:
+        handler(sys.executable)
+    assert logic.backendPython() == sys.executable and ui.externalPythonStatusLabel.text == ""
+    assert messages["error"] == []
+    widget.cleanup()
