@@ -189,6 +189,41 @@ def test_extension_metadata_is_consistent():
     assert "Apache License" in (REPO / "LICENSE").read_text(encoding="utf-8")[:200]
 
 
+# Extensions Index catalog entry, schema v1.0.1 (Slicer/Schemas, used by the 5.10 index): required
+# keys, every allowed key (the schema has "additionalProperties": false) and its JSON type.
+CATALOG_SCHEMA = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#"
+CATALOG_REQUIRED = {"$schema", "category", "scm_url"}
+CATALOG_TYPES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+                 "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
+
+
+def test_extensions_index_catalog_entry_matches_the_cmake_metadata():
+    import json
+
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    project = re.search(r"^project\((\w+)\)", top, re.M).group(1)
+    path = REPO / f"{project}.json"  # the index requires the file name to be the project name
+    assert path.is_file(), f"{path.name} (Extensions Index catalog entry) is missing"
+    entry = json.loads(path.read_text(encoding="utf-8"))
+    assert CATALOG_REQUIRED <= set(entry) <= set(CATALOG_TYPES), set(entry) ^ set(CATALOG_TYPES)
+    for key, value in entry.items():
+        assert type(value) is CATALOG_TYPES[key], (key, value)
+    assert entry["$schema"] == CATALOG_SCHEMA
+    assert all(isinstance(d, str) for d in entry["build_dependencies"])
+    assert entry.get("scm_type", "git") == "git" and entry["tier"] in (1, 3, 5)
+    cmake, desc = cmakeSettings(top), s4ext()
+    assert entry["category"] == cmake["EXTENSION_CATEGORY"] == desc["category"]
+    depends = cmake["EXTENSION_DEPENDS"]
+    assert entry["build_dependencies"] == ([] if depends == "NA" else depends.split()) == ["PyTorch"]
+    assert entry["scm_url"] == desc["scmurl"] and entry["scm_revision"] == desc["scmrevision"]
+    assert entry["build_subdirectory"] == desc["build_subdirectory"] == "."
+    # the icon and screenshot URLs name files of this repository on the branch the index builds
+    for url in [cmake["EXTENSION_ICONURL"]] + cmake["EXTENSION_SCREENSHOTURLS"].split():
+        prefix = entry["scm_url"][:-len(".git")].replace("https://github.com/", "https://raw.githubusercontent.com/")
+        assert url.startswith(f"{prefix}/{entry['scm_revision']}/"), url
+        assert (REPO / url.split(f"/{entry['scm_revision']}/", 1)[1]).is_file(), f"{url}: no such file here"
+
+
 def test_module_texts():
     source = SCRIPT.read_text(encoding="utf-8")
     assert "Partially labelled" in source and "5.10" in source
