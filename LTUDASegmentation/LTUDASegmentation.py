@@ -2,9 +2,12 @@
 segment new CT volumes with it.
 
 This file is the thin Slicer layer (module, parameter node, widget, logic, self-test). Everything
-that can run without Qt lives in LTUDASegmentationLib (tested with pytest and slicer-core). The
-Slicer process never imports torch or MONAI: training and prediction run in a subprocess
-(`python -m ltuda ...`), read through a JSON-lines progress stream.
+that can run without Qt lives in LTUDASegmentationLib (tested with pytest and slicer-core).
+Training, prediction and the package check never import torch or MONAI into the Slicer process:
+they run in a subprocess (`python -m ltuda ...`, probe.py), read through a JSON-lines progress
+stream. One exception: the Setup section's Install button installs torch with the PyTorch
+extension, whose PyTorchUtilsLogic.installTorch ends by importing torch in Slicer's own process;
+the installed version is then checked again in the backend subprocess.
 """
 
 import contextlib
