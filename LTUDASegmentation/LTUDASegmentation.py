@@ -1158,7 +1158,11 @@ class LTUDASegmentationTest(ScriptedLoadableModuleTest):
         arraysBefore = [slicer.util.arrayFromVolume(v).copy() for v in volumes]
         job = logic.train(preset="fast", epochsStage1=1, epochsStage2=1, device="cpu",
                           extraArgs=["--iterations-per-epoch", "2", "--image-size", "32", "--batch-size", "2"])
-        self.assertEqual(job.wait(timeout=900, idle=logic._idle), ltudaJobs.COMPLETED, job.message)
+        try:
+            status = job.wait(timeout=900, idle=logic._idle)
+        finally:
+            logic.stopAll()  # a training still running after the timeout (or an error) is stopped, not left behind
+        self.assertEqual(status, ltudaJobs.COMPLETED, job.message or f"training still {status} after 900 s")
         self.assertTrue(logic.models())
         self.delayDisplay("Segmenting a flipped (LPS) volume with the new model")
         job = logic.predict(volumes[1], device="cpu", keepLabelMap=True)

@@ -504,3 +504,30 @@ def test_external_python_is_checked_when_editing_finishes_and_shown_inline(scene
     assert logic.backendPython() == sys.executable and ui.externalPythonStatusLabel.text == ""
     assert messages["error"] == []
     widget.cleanup()
+
+
+def test_self_test_stops_a_training_that_ran_past_its_timeout(scene, moduleFile, monkeypatch):
+    """Reload & Test must not leave a training process behind when the training times out."""
+    test = moduleFile.LTUDASegmentationTest("runTest")
+    logics = []
+    realLogic = test._logic
+
+    def recordingLogic(tempDir):
+        logic = realLogic(tempDir)
+        logics.append(logic)
+        return logic
+
+    monkeypatch.setattr(test, "_logic", recordingLogic)
+    realWait = jobs.TrainingJob.wait
+
+    def slowMachineWait(self, timeout=None, *args, **kwargs):
+        # as on a machine where the tiny training takes longer than the self-test allows
+        return realWait(self, 1.0 if timeout is None or timeout > 60 else timeout, *args, **kwargs)
+
+    monkeypatch.setattr(jobs.TrainingJob, "wait", slowMachineWait)
+    test.setUp()
+    with pytest.raises(AssertionError):
+        test.test_TrainAndSegment()  # the tiny training needs more than a second: a timeout
+    job = logics[-1].trainingJob
+    assert job is not None and job.finished, job.status
+    assert not job.runner.isRunning()
