@@ -64,8 +64,10 @@ external Python path is checked when you press Enter or leave the field; a probl
 <li><b>Training cases</b>: add volumes with their segmentations, or import a folder of image/label files. A segment
 counts when it matches an organ (standard terminology, else name) and is not empty. <i>Add missing labels</i>
 adds empty segments for the organs a case lacks and opens the Segment Editor.</li>
-<li><b>Train</b>: runs in a separate process; Slicer stays usable. Cancel keeps the last checkpoint.</li>
-<li><b>Segment</b>: pick a model and a volume; the result is a new segmentation, one segment per organ.</li>
+<li><b>Train</b>: runs in a separate process; Slicer stays usable. The cases are exported in the background first
+(Cancel works there too and leaves no files). Cancel keeps the last checkpoint.</li>
+<li><b>Segment</b>: pick a model and a volume; the result is a new segmentation, one segment per organ (its 3D
+surfaces are built one organ at a time after it appears).</li>
 </ol>
 <p>Training and segmentation never modify your volumes and segmentations and add nothing to the scene but the new
 result segmentation. Volumes and segmentations under a linear transform are supported. Requires 3D Slicer 5.10 or

@@ -419,7 +419,8 @@ def trained(tmp_path_factory):
     updates = []
     job = logic.train(preset="fast", epochsStage1=1, epochsStage2=1, device="cpu", extraArgs=TINY,
                       onUpdate=lambda j: updates.append(j.status))
-    assert job.status == jobs.RUNNING and not job.finished  # the console API returns at once
+    # the console API returns at once: the cases are exported in steps by job.process(), then the backend runs
+    assert job.status == jobs.EXPORTING and not job.finished and job.runner is None
     status = job.wait(timeout=600)
     return {"logic": logic, "scene": scene, "job": job, "status": status, "cases": cases, "before": before,
             "updates": updates}

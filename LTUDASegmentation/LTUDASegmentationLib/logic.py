@@ -14,7 +14,7 @@ from . import jobs as jobsModule
 from .backend import Backend
 from .cases import Case, requireUsable, scanCase, scanSignature, summarize
 from .errors import LTUDAError
-from .export import exportTrainingData
+from .export import TrainingExport, exportTrainingData
 from .folders import findImageLabelPairs, parseValueMap
 from .models import HEADS, ModelInfo, ModelRegistry, readModel
 from .organs import (OrganError, defaultOrgans, findOrgan, organClass, organsFromJson, organsToJson, renumber,
@@ -374,26 +374,35 @@ class LTUDALogicCore:
         if checkBackend:
             self.requireBackendReady(device)
         runFolder = self.newRunFolder("train")
+        # Checked now (an error is raised here); the cases are then read one per job.process() call
+        # on this thread and written by a worker thread, so the GUI stays responsive during the export.
+        statuses = self.caseStatuses()  # cached scans (the panel's button check made them already)
+        export = TrainingExport(self.cases, self.organs, runFolder, ignoreUnmatched=ignoreUnmatched,
+                                statuses=statuses)
         try:
-            manifest, outside = exportTrainingData(self.cases, self.organs, runFolder, ignoreUnmatched=ignoreUnmatched)
+            export.begin()
         except Exception:
+            export.cancel()
             shutil.rmtree(runFolder, ignore_errors=True)
             raise
-        args = ["train", "--dataset", manifest, "--out", modelFolder, "--preset", preset, "--device", device,
-                "--progress", "jsonl"]
-        if epochsStage1:
-            args += ["--epochs-stage1", int(epochsStage1)]
-        if epochsStage2:
-            args += ["--epochs-stage2", int(epochsStage2)]
-        if outside:
-            args.append("--allow-outside-paths")
-        if resume:
-            args.append("--resume")
-        elif overwrite and hasModel:
-            args.append("--overwrite")
-        args += [str(a) for a in (extraArgs or [])]
-        runner = ProcessRunner(backend.command(*args), env=backend.environment(), cwd=runFolder,
-                               logPath=os.path.join(runFolder, "ltuda-train.log"))
+
+        def makeRunner(exported):
+            manifest, outside = exported
+            args = ["train", "--dataset", manifest, "--out", modelFolder, "--preset", preset, "--device", device,
+                    "--progress", "jsonl"]
+            if epochsStage1:
+                args += ["--epochs-stage1", int(epochsStage1)]
+            if epochsStage2:
+                args += ["--epochs-stage2", int(epochsStage2)]
+            if outside:
+                args.append("--allow-outside-paths")
+            if resume:
+                args.append("--resume")
+            elif overwrite and hasModel:
+                args.append("--overwrite")
+            args += [str(a) for a in (extraArgs or [])]
+            return ProcessRunner(backend.command(*args), env=backend.environment(), cwd=runFolder,
+                                 logPath=os.path.join(runFolder, "ltuda-train.log"))
 
         def onSuccess(job):
             self.registry.add(job.modelDir)
@@ -409,8 +418,9 @@ class LTUDALogicCore:
             if onFinished is not None:
                 onFinished(job)
 
-        job = jobsModule.TrainingJob(runner, modelFolder, workDir=runFolder, onUpdate=onUpdate, onLog=onLog,
-                                     onFinished=finished, onSuccess=onSuccess)
+        job = jobsModule.TrainingJob(None, modelFolder, workDir=runFolder, onUpdate=onUpdate, onLog=onLog,
+                                     onFinished=finished, onSuccess=onSuccess, preparation=export,
+                                     makeRunner=makeRunner)
         self.trainingJob = job
         job.start()
         self._schedule(job)
@@ -490,9 +500,14 @@ class LTUDALogicCore:
 
             if not os.path.isfile(outputPath):
                 raise LTUDAError(f"The backend finished but wrote no result ({outputPath}).")
-            job.segmentationNode = importPrediction(self.scene, outputPath, volumeNode, name=name, show3D=show3D)
+            job.segmentationNode = importPrediction(self.scene, outputPath, volumeNode, name=name, show3D=False)
             if not (keepWorkFiles or keepLabelMap):
                 shutil.rmtree(runFolder, ignore_errors=True)
+            if show3D:  # the 3D surfaces one organ per job.process() call, not all in one block
+                from .results import ClosedSurfaceSteps
+
+                return ClosedSurfaceSteps(job.segmentationNode)
+            return None
 
         job = jobsModule.PredictionJob(runner, volumeNode, outputPath, labelMapPath, onUpdate=onUpdate, onLog=onLog,
                                        onFinished=onFinished, onSuccess=onSuccess)

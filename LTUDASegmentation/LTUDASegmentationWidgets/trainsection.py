@@ -89,7 +89,10 @@ class TrainSection(Section):
         else:
             bar.setRange(0, 1000)
             bar.setValue(int(1000 * fraction))
-        stage = f"Stage {progress.stage}" if progress.stage is not None else job.status
+        if job.status == ltudaJobs.EXPORTING:
+            stage = _("Exporting cases")
+        else:
+            stage = f"Stage {progress.stage}" if progress.stage is not None else job.status
         bar.setFormat(f"{stage}: %p%")
         self.panel.showStatus(self.ui.trainingStatusLabel, job.statusText())
         if progress.lossHistory:
@@ -138,4 +141,4 @@ class TrainSection(Section):
         ui.startTrainingButton.toolTip = ("\n".join(problems) if problems else
                                           _("Export the cases and train a model in a separate process."))
         ui.cancelTrainingButton.enabled = (training and self.logic.trainingJob is not None and
-                                           self.logic.trainingJob.status == ltudaJobs.RUNNING)
+                                           self.logic.trainingJob.status in (ltudaJobs.EXPORTING, ltudaJobs.RUNNING))
