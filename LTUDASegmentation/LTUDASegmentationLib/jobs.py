@@ -129,6 +129,7 @@ class BackendJob:
             return self._prepareStep()
         if self._finishing is not None:
             return self._finishStep()
+        self._escalateStop()
         self._processing = True
         changed = False
         try:
@@ -180,7 +181,7 @@ class BackendJob:
             self._end(CANCELLED, "Cancelled.")
             return
         self.status = CANCELLING
-        self.runner.stop(grace=self.cancelGrace)
+        self._askToStop()
         self._notify()
 
     def kill(self):
@@ -196,6 +197,13 @@ class BackendJob:
             self._end(CANCELLED, self._cancelledMessage())
             return
         self.runner.stop(grace=0)
+
+    def _askToStop(self):
+        """Cancel's request to the running command (training: a stop file first, then a signal)."""
+        self.runner.stop(grace=self.cancelGrace)
+
+    def _escalateStop(self):
+        """Hook called by process(): turn a polite stop request into a signal when it is due."""
 
     # -- steps before and after the command ---------------------------------------------------------
     def _prepareStep(self):
@@ -342,14 +350,59 @@ class BackendJob:
 
 
 class TrainingJob(BackendJob):
+    """Cancel asks the trainer to stop with a file named STOP in the model folder (it saves its
+    last checkpoint and exits 130 when it sees it; works on every OS, also where a console signal
+    cannot reach a process started without a console). Still running after `stopFileGrace` s, it
+    gets SIGTERM (CTRL_BREAK on Windows), which makes it save and exit the same way, and after
+    `cancelGrace` s more its process tree is killed. The STOP file is removed when the job ends."""
+
     kind = "training"
     cancelGrace = 60.0  # the trainer saves its checkpoint on SIGTERM before exiting
+    stopFileGrace = 20.0
+    STOP_FILE = "STOP"
 
     def __init__(self, runner, modelDir, workDir=None, **kwargs):
         kwargs.setdefault("title", "Training")
         super().__init__(runner, **kwargs)
         self.modelDir = os.path.abspath(str(modelDir))
         self.workDir = workDir
+        self.stopFile = os.path.join(self.modelDir, self.STOP_FILE)
+        self._signalAt = None
+        self._wroteStopFile = False
+
+    def _startRunner(self):
+        self._removeStopFile(force=True)  # a stale request would stop the new training at once
+        return super()._startRunner()
+
+    def _askToStop(self):
+        try:
+            os.makedirs(self.modelDir, exist_ok=True)
+            with open(self.stopFile, "w", encoding="utf-8") as f:
+                f.write("Stop requested by the LTUDA Slicer module: save the last checkpoint and exit.\n")
+            self._wroteStopFile = True
+        except OSError:
+            self.runner.stop(grace=self.cancelGrace)  # no stop file possible: the signal at once
+            return
+        self.runner.stopRequested = True
+        self._signalAt = time.monotonic() + self.stopFileGrace
+
+    def _escalateStop(self):
+        if self._signalAt is not None and time.monotonic() >= self._signalAt:
+            self._signalAt = None
+            self.runner.stop(grace=self.cancelGrace)
+
+    def _removeStopFile(self, force=False):
+        if self._wroteStopFile or force:
+            try:
+                os.remove(self.stopFile)
+            except OSError:
+                pass
+            self._wroteStopFile = False
+
+    def _end(self, status, message):
+        self._signalAt = None
+        self._removeStopFile()
+        super()._end(status, message)
 
     def _completedMessage(self):
         dice = self.progress.meanDice
