@@ -170,6 +170,21 @@ def test_xml_follows_the_slicer_execution_model_parser_rules():
                 assert element.get("type", "scalar") in ("scalar", "label")
 
 
+def test_numeric_parameters_have_constraints_the_entry_point_enforces():
+    """Slicer builds the spin box from <constraints>: without them it offers negative values."""
+    numeric = [p for p in xml_module().parameters() if p.typ in ("integer", "float", "double")]
+    assert numeric
+    for p in numeric:
+        c = p.constraints
+        assert c is not None, f"{p.name} has no <constraints>"
+        assert None not in (c.minimum, c.maximum, c.step), (p.name, c.minimum, c.maximum, c.step)
+        assert float(c.minimum) <= float(p.default) <= float(c.maximum), p.name
+    batch = {p.name: p for p in numeric}["batchSize"].constraints
+    # 0 is the documented "automatic" default; every other value is a number of slices
+    assert (int(batch.minimum), int(batch.step)) == (0, 1) and 64 <= int(batch.maximum) <= 4096
+    assert cli.MAX_BATCH_SIZE == int(batch.maximum)
+
+
 def test_xml_flag_prints_the_description():
     result = run_cli([sys.executable, str(SCRIPT), "--xml"], MODULE_DIR, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -212,6 +227,7 @@ def test_backend_is_found_next_to_an_installed_module(tmp_path):
     ({"modelDirectory": "MODEL", "inputFolder": "cts", "outputFolder": "cts"}, "must differ from the input folder"),
     ({"modelDirectory": "MODEL", "outputFolder": "segs"}, "no input folder"),
     ({"modelDirectory": "MODEL", "batchSize": -1}, "--batchSize -1"),
+    ({"modelDirectory": "MODEL", "batchSize": 100000}, "--batchSize 100000"),
 ])
 def test_bad_parameters_fail_fast_with_one_line(tmp_path, values, message):
     (tmp_path / "MODEL").mkdir()

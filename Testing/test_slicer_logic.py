@@ -419,7 +419,8 @@ def trained(tmp_path_factory):
     updates = []
     job = logic.train(preset="fast", epochsStage1=1, epochsStage2=1, device="cpu", extraArgs=TINY,
                       onUpdate=lambda j: updates.append(j.status))
-    assert job.status == jobs.RUNNING and not job.finished  # the console API returns at once
+    # the console API returns at once: the cases are exported in steps by job.process(), then the backend runs
+    assert job.status == jobs.EXPORTING and not job.finished and job.runner is None
     status = job.wait(timeout=600)
     return {"logic": logic, "scene": scene, "job": job, "status": status, "cases": cases, "before": before,
             "updates": updates}
@@ -497,3 +498,213 @@ def test_cancel_training_keeps_a_usable_state(trained, tmp_path):
     else:
         assert "no model was saved" in job.message
 
+
+
+# ------------------------------------------------------------------------------ scene untouched
+def nodeCounts(scene):
+    """{class name: number of nodes} of the scene."""
+    counts = {}
+    for i in range(scene.GetNumberOfNodes()):
+        name = scene.GetNthNode(i).GetClassName()
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_export_train_and_predict_leave_the_scene_untouched(scene, logic, tmp_path):
+    """User nodes are only read: exporting, training and predicting add no node to the user's scene
+    (no colour table, no label map), apart from the one new result segmentation and its display node."""
+    slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)  # the application always has one
+    cases = [synthetic.addSyntheticCase(scene, "liverSpleen", ORGANS, ["liver", "spleen"], seed=60),
+             synthetic.addSyntheticCase(scene, "kidneyLiver", ORGANS, ["kidney", "liver"], flip=True, seed=61)]
+    logic.addCasesFromNodes(cases)
+    before = nodeCounts(scene)
+    logic.exportTrainingData(str(tmp_path / "export"))
+    assert nodeCounts(scene) == before
+    job = logic.train(str(tmp_path / "model"), device="cpu", epochsStage1=1, epochsStage2=1, extraArgs=TINY,
+                      waitForCompletion=True)
+    assert job.status == jobs.COMPLETED, job.message
+    assert nodeCounts(scene) == before
+    result = logic.predict(cases[0][0], model=job.modelDir, device="cpu").segmentationNode
+    after = nodeCounts(scene)
+    added = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
+    assert {k: v for k, v in added.items() if v} == {"vtkMRMLSegmentationNode": 1,
+                                                     "vtkMRMLSegmentationDisplayNode": 1}
+    assert result.GetSegmentation().GetNumberOfSegments() == len(ORGANS)
+
+
+# ------------------------------------------------------------------------------------ transforms
+TRANSFORMS = {
+    "translated": (0.0, (30.0, -12.0, 7.5)),
+    "rotated": (30.0, (0.0, 0.0, 0.0)),
+    "rotated+translated": (-50.0, (25.0, 40.0, -10.0)),
+}
+
+
+def _transformNode(scene, kind):
+    angle, shift = TRANSFORMS[kind]
+    transform = vtk.vtkTransform()
+    transform.Translate(*shift)
+    transform.RotateWXYZ(angle, 0.3, 0.2, 1.0)  # an oblique axis: not a permutation of voxel axes
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", kind)
+    node.SetMatrixTransformToParent(transform.GetMatrix())
+    return node
+
+
+def _toClosedSurface(segmentation):
+    segmentation.CreateClosedSurfaceRepresentation()
+    seg = segmentation.GetSegmentation()
+    closedSurface = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    (getattr(seg, "SetSourceRepresentationName", None) or seg.SetMasterRepresentationName)(closedSurface)
+    seg.RemoveRepresentation(slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName())
+
+
+def _dice(a, b):
+    return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("source", ["labelmap", "closedSurface"])
+@pytest.mark.parametrize("kind", list(TRANSFORMS))
+def test_export_under_a_parent_transform_matches_the_untransformed_labels(scene, logic, tmp_path, kind, source):
+    """Volume and segmentation under the same transform (translated, rotated, both): the exported
+    labels equal those without the transform. And with the segmentation's transform hardened
+    (segmentation in world coordinates, volume still under the transform) they still match."""
+    logic.setOrgans(["liver", "spleen"])
+    volume, segmentation = synthetic.addSyntheticCase(scene, "ct", ORGANS, ["liver", "spleen"], seed=70)
+    seg = segmentation.GetSegmentation()
+    values = {seg.GetNthSegmentID(0): 1, seg.GetNthSegmentID(1): 2}
+    original = labelArrayOnVolume(volume, segmentation, values)
+    if source == "closedSurface":
+        _toClosedSurface(segmentation)
+    reference = labelArrayOnVolume(volume, segmentation, values)  # no transform yet
+    assert _dice(reference == 1, original == 1) > 0.9 and _dice(reference == 2, original == 2) > 0.8
+    if source == "labelmap":
+        assert np.array_equal(reference, original)
+
+    transform = _transformNode(scene, kind)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    segmentation.SetAndObserveTransformNodeID(transform.GetID())
+    assert np.array_equal(labelArrayOnVolume(volume, segmentation, values), reference)
+    # through the logic, as Start does: the label file written for training holds the same labels
+    logic.addCase(volume, segmentation)
+    manifestPath = logic.exportTrainingData(str(tmp_path / "export"))
+    entry = json.loads(Path(manifestPath).read_text(encoding="utf-8"))["cases"][0]
+    exported = slicer.util.arrayFromVolume(readLabelFile(scene, Path(manifestPath).parent / entry["label"]))
+    assert np.array_equal(exported, reference)
+
+    # the segmentation hardened into world coordinates, the volume still under the transform
+    segmentation.HardenTransform()
+    assert segmentation.GetParentTransformNode() is None
+    hardened = labelArrayOnVolume(volume, segmentation, values, checkFit=source == "closedSurface")
+    for value in (1, 2):
+        assert _dice(hardened == value, reference == value) > (0.999 if kind == "translated" else 0.9)
+
+
+def test_closed_surface_outside_the_volume_is_reported_as_such(scene):
+    volume, segmentation = synthetic.addSyntheticCase(scene, "ct", ORGANS, ["liver"], seed=71)
+    _toClosedSurface(segmentation)
+    away = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "away")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 500.0)
+    away.SetMatrixTransformToParent(matrix)
+    segmentation.SetAndObserveTransformNodeID(away.GetID())
+    with pytest.raises(LTUDAError, match="'liver' of 'ct labels' lies outside the volume 'ct'"):
+        labelArrayOnVolume(volume, segmentation, {segmentation.GetSegmentation().GetNthSegmentID(0): 1})
+
+
+def _referenceGeometryToWorld(segmentationNode):
+    """IJK->world matrix (4x4 array) of the segmentation's reference image geometry."""
+    geometry = slicer.vtkOrientedImageData()
+    text = segmentationNode.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(text, geometry)
+    local = vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(local)
+    toWorld = vtk.vtkMatrix4x4()
+    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(segmentationNode.GetParentTransformNode(), None, toWorld)
+    return _matrixToArray(toWorld) @ _matrixToArray(local), geometry.GetExtent()
+
+
+def _matrixToArray(matrix):
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+@pytest.mark.parametrize("kind", ["translated", "rotated+translated"])
+def test_imported_prediction_overlays_a_transformed_volume_in_world_coordinates(scene, tmp_path, kind):
+    volume, truth = synthetic.addSyntheticCase(scene, "patient", ORGANS, ["liver", "spleen"], seed=72)
+    path = tmp_path / "prediction.seg.nrrd"  # what the backend writes: the volume's own (local) geometry
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.WriteData(truth)
+    truthIds = [truth.GetSegmentation().GetNthSegmentID(i) for i in range(2)]
+    expected = [labelArrayOnVolume(volume, truth, {i: 1}) for i in truthIds]
+    transform = _transformNode(scene, kind)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    node = importPrediction(scene, path, volume, show3D=False)
+    assert node.GetParentTransformNode() is transform
+    assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is volume
+    volumeToWorld = vtk.vtkMatrix4x4()
+    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(transform, None, volumeToWorld)
+    volumeGrid = _matrixToArray(volumeToWorld) @ _matrix_array(volume)
+    segmentationGrid, extent = _referenceGeometryToWorld(node)
+    assert np.allclose(segmentationGrid, volumeGrid, atol=1e-4), (segmentationGrid, volumeGrid)
+    assert extent == volume.GetImageData().GetExtent()
+    # the segments themselves lie on the volume's voxels
+    seg = node.GetSegmentation()
+    for i in range(2):
+        ours = labelArrayOnVolume(volume, node, {seg.GetNthSegmentID(i): 1})
+        assert np.array_equal(ours, expected[i]) and ours.any()
+
+
+def _matrix_array(volume):
+    return _matrixToArray(_matrix(volume))
+
+
+# ------------------------------------------------------------------------------------ scan cache
+def test_case_scan_is_cached_until_a_node_changes(scene, logic, monkeypatch):
+    """updateButtonStates asks for the case table on every parameter change and progress tick: a
+    case is scanned again only when its volume, segmentation, a segment, a transform or the organs change."""
+    from LTUDASegmentationLib import logic as logicModule
+
+    scans = []
+    realScan = logicModule.scanCase
+
+    def countingScan(case, organs, *args, **kwargs):
+        scans.append(case.name)
+        return realScan(case, organs, *args, **kwargs)
+
+    monkeypatch.setattr(logicModule, "scanCase", countingScan)
+    volume, segmentation = synthetic.addSyntheticCase(scene, "ct", ORGANS, ["liver"], seed=90)
+    other = synthetic.addSyntheticCase(scene, "other", ORGANS, ["spleen", "kidney"], seed=91)
+    logic.addCase(volume, segmentation)
+    logic.addCase(*other)
+    scans.clear()
+    for _ in range(3):
+        logic.checkCanTrain()
+        logic.caseTable()
+    assert sorted(scans) == ["ct", "other"]
+
+    def rescanned(change):
+        scans.clear()
+        change()
+        table = logic.caseTable()
+        logic.checkCanTrain()
+        assert scans == ["ct"], scans  # only the changed case, once
+        return table[0]
+
+    seg = segmentation.GetSegmentation()
+    spleen = rescanned(lambda: addSegmentForOrgan(segmentation, organs.organClass("spleen", 2)))
+    assert spleen["organs"]["spleen"] == "empty"
+    spleenId = seg.GetSegmentIdBySegmentName("spleen")
+    mask = labelArrayOnVolume(volume, segmentation, {seg.GetNthSegmentID(0): 1}) > 0
+    painted = rescanned(lambda: setSegmentFromMask(segmentation, spleenId, mask, _matrix(volume)))
+    assert painted["organs"]["spleen"] == "labelled"
+    seg.GetSegment(spleenId).SetTerminology("")  # matched by name from now on
+    renamed = rescanned(lambda: seg.GetSegment(spleenId).SetName("tumour"))
+    assert renamed["unmatched"] == ["tumour"] and renamed["organs"]["spleen"] == "missing"
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    moved = rescanned(lambda: volume.SetAndObserveTransformNodeID(transform.GetID()))
+    assert any("different transforms" in p for p in moved["problems"])
+    scans.clear()
+    logic.removeOrgan("kidney")
+    logic.caseTable()
+    assert sorted(scans) == ["ct", "other"]  # another organ list: every case again

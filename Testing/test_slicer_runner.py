@@ -153,6 +153,7 @@ def test_cancel_stops_the_whole_process_tree(tmp_path, ignoresTerm):
     args = script(tmp_path, "run.py", GRACEFUL) + [str(pidFile)] + (["ignore"] if ignoresTerm else [])
     job = jobs.TrainingJob(ProcessRunner(args, logPath=tmp_path / "run.log"), tmp_path / "model")
     job.cancelGrace = 1.5
+    job.stopFileGrace = 0.0  # this stand-in ignores the STOP file: the signal at once
     job.start()
     assert waitFor(lambda: job.process() or job.progress.epoch == 1, 30)
     assert waitFor(pidFile.exists)
@@ -170,6 +171,38 @@ def test_cancel_stops_the_whole_process_tree(tmp_path, ignoresTerm):
     else:
         assert elapsed < 1.4 and not job.runner.killed and job.returncode == 130
         assert job.progress.done["status"] == "cancelled"
+
+
+WATCHES_STOP_FILE = """
+import json, os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the stop file can stop this one
+stop = os.path.join(sys.argv[1], "STOP")
+print(json.dumps({"event": "start", "command": "train", "stages": [1], "epochs": {"1": 5}}), flush=True)
+print(json.dumps({"event": "epoch", "stage": 1, "epoch": 1, "epochs": 5, "loss": 1.0}), flush=True)
+while not os.path.exists(stop):
+    time.sleep(0.05)
+print(json.dumps({"event": "done", "status": "cancelled", "model_dir": ".", "mean_dice": None}), flush=True)
+sys.exit(130)
+"""
+
+
+def test_cancel_asks_with_a_stop_file_in_the_model_folder_first(tmp_path):
+    """A cross-platform stop request (a console signal does not reach a process started without a
+    console on Windows): the trainer stops when STOP appears in its model folder, before any signal."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "STOP").write_text("left over from an earlier run")
+    job = jobs.TrainingJob(ProcessRunner(script(tmp_path, "run.py", WATCHES_STOP_FILE) + [str(model)]), model)
+    job.stopFileGrace = 30.0
+    job.start()
+    assert not (model / "STOP").exists(), "a stale stop file would stop the new training at once"
+    assert waitFor(lambda: job.process() or job.progress.epoch == 1, 30)
+    started = time.monotonic()
+    job.cancel()
+    assert (model / "STOP").is_file() and job.status == jobs.CANCELLING
+    assert job.wait(timeout=30) == jobs.CANCELLED
+    assert time.monotonic() - started < 10 and job.returncode == 130 and not job.runner.killed
+    assert not (model / "STOP").exists(), "removed when the job ends, so a resume is not stopped"
 
 
 CRASH = """

@@ -20,6 +20,7 @@ MODULE = REPO / "LTUDASegmentation"
 LIB = MODULE / "LTUDASegmentationLib"
 UI = MODULE / "Resources" / "UI" / "LTUDASegmentation.ui"
 SCRIPT = MODULE / "LTUDASegmentation.py"
+WIDGETS = MODULE / "LTUDASegmentationWidgets"  # the panel's sections: may import qt, unlike the Lib
 OWNED_ELSEWHERE = {"LTUDABatchSegment"}  # the CLI module has its own CMakeLists.txt
 
 QT_CLASSES = {"QWidget", "QLabel", "QPushButton", "QRadioButton", "QCheckBox", "QComboBox", "QSpinBox",
@@ -29,6 +30,11 @@ QT_CLASSES = {"QWidget", "QLabel", "QPushButton", "QRadioButton", "QCheckBox", "
 def moduleFiles(pattern):
     return sorted(p for p in MODULE.rglob(pattern)
                   if not OWNED_ELSEWHERE.intersection(p.relative_to(MODULE).parts) and "__pycache__" not in p.parts)
+
+
+def panelSources():
+    """The files that use the .ui's widgets: the module file and the sections package."""
+    return [SCRIPT] + sorted(WIDGETS.glob("*.py"))
 
 
 def uiWidgets():
@@ -74,11 +80,14 @@ def test_ui_parses_with_a_qmrmlwidget_root_and_declared_custom_widgets():
 
 def test_every_ui_widget_the_module_uses_exists():
     _root, widgets = uiWidgets()
-    source = SCRIPT.read_text(encoding="utf-8")
-    used = set(re.findall(r"self\.ui\.(\w+)", source)) | set(re.findall(r"(?<![\w.])ui\.(\w+)", source))
-    assert used, "no ui references found"
-    missing = sorted(used - set(widgets))
-    assert not missing, f"widgets used in LTUDASegmentation.py but absent from the .ui: {missing}"
+    allUsed = set()
+    for path in panelSources():
+        source = path.read_text(encoding="utf-8")
+        used = set(re.findall(r"self\.ui\.(\w+)", source)) | set(re.findall(r"(?<![\w.])ui\.(\w+)", source))
+        missing = sorted(used - set(widgets))
+        assert not missing, f"widgets used in {path.name} but absent from the .ui: {missing}"
+        allUsed |= used
+    assert len(allUsed) > 30, "no ui references found"
 
 
 def _parameterNodeFields():
@@ -111,14 +120,37 @@ def test_parameter_bindings_point_at_compatible_fields():
     assert len(set(f for _c, f in bound.values())) == len(bound), "two widgets bound to one parameter"
 
 
+def _classes(path):
+    return [n for n in ast.parse(path.read_text(encoding="utf-8")).body if isinstance(n, ast.ClassDef)]
+
+
 def test_widget_signal_handlers_exist():
-    tree = ast.parse(SCRIPT.read_text(encoding="utf-8"))
-    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "LTUDASegmentationWidget")
-    methods = {n.name for n in widget.body if isinstance(n, ast.FunctionDef)}
+    """Every handler a class connects (Qt signal or VTK observer) is a method of that class."""
+    checked = 0
+    for path in panelSources():
+        for cls in _classes(path):
+            if path == SCRIPT and cls.name != "LTUDASegmentationWidget":
+                continue
+            methods = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+            source = ast.unparse(cls)
+            handlers = set(re.findall(r"\.connect\((?:'[^']*', )?self\.(\w+)\)", source))
+            handlers |= set(re.findall(r"addObserver\([^)]*, self\.(\w+)\)", source))
+            assert handlers <= methods, f"{path.name} {cls.name}: handlers without a method: {handlers - methods}"
+            checked += bool(handlers)
+    assert checked >= 6  # the widget and its five sections
+
+
+def test_each_panel_section_has_its_own_class_and_the_widget_only_composes_them():
+    """Setup, Organs, Cases, Train, Segment: one class each, outside the Qt-free Lib; the module
+    widget connects no widget of the .ui itself."""
+    sections = {cls.name for path in sorted(WIDGETS.glob("*section.py")) for cls in _classes(path)}
+    assert sections == {"SetupSection", "OrgansSection", "CasesSection", "TrainSection", "SegmentSection"}
+    widget = next(c for c in _classes(SCRIPT) if c.name == "LTUDASegmentationWidget")
     source = ast.unparse(widget)
-    handlers = set(re.findall(r"\.connect\((?:'[^']*', )?self\.(\w+)\)", source))
-    handlers |= set(re.findall(r"addObserver\([^)]*, self\.(\w+)\)", source))
-    assert handlers and handlers <= methods, f"handlers without a method: {handlers - methods}"
+    assert not re.search(r"\bui\.\w+\.\w+\.connect\(", source), "the widget wires .ui widgets itself"
+    assert widget.end_lineno - widget.lineno < 200, "the widget class grew back"
+    for name in sections:
+        assert f"{name}(" in source, f"the widget does not compose {name}"
 
 
 # ----------------------------------------------------------------------------------------- CMake
@@ -189,6 +221,52 @@ def test_extension_metadata_is_consistent():
     assert "Apache License" in (REPO / "LICENSE").read_text(encoding="utf-8")[:200]
 
 
+# Extensions Index catalog entry, schema v1.0.1 (Slicer/Schemas, used by the 5.10 index): required
+# keys, every allowed key (the schema has "additionalProperties": false) and its JSON type.
+CATALOG_SCHEMA = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#"
+CATALOG_REQUIRED = {"$schema", "category", "scm_url"}
+CATALOG_TYPES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+                 "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
+
+
+def test_extensions_index_catalog_entry_matches_the_cmake_metadata():
+    import json
+
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    project = re.search(r"^project\((\w+)\)", top, re.M).group(1)
+    path = REPO / f"{project}.json"  # the index requires the file name to be the project name
+    assert path.is_file(), f"{path.name} (Extensions Index catalog entry) is missing"
+    entry = json.loads(path.read_text(encoding="utf-8"))
+    assert CATALOG_REQUIRED <= set(entry) <= set(CATALOG_TYPES), set(entry) ^ set(CATALOG_TYPES)
+    for key, value in entry.items():
+        assert type(value) is CATALOG_TYPES[key], (key, value)
+    assert entry["$schema"] == CATALOG_SCHEMA
+    assert all(isinstance(d, str) for d in entry["build_dependencies"])
+    assert entry.get("scm_type", "git") == "git" and entry["tier"] in (1, 3, 5)
+    cmake, desc = cmakeSettings(top), s4ext()
+    assert entry["category"] == cmake["EXTENSION_CATEGORY"] == desc["category"]
+    depends = cmake["EXTENSION_DEPENDS"]
+    assert entry["build_dependencies"] == ([] if depends == "NA" else depends.split()) == ["PyTorch"]
+    assert entry["scm_url"] == desc["scmurl"] and entry["scm_revision"] == desc["scmrevision"]
+    assert entry["build_subdirectory"] == desc["build_subdirectory"] == "."
+    # the icon and screenshot URLs name files of this repository on the branch the index builds
+    for url in [cmake["EXTENSION_ICONURL"]] + cmake["EXTENSION_SCREENSHOTURLS"].split():
+        prefix = entry["scm_url"][:-len(".git")].replace("https://github.com/", "https://raw.githubusercontent.com/")
+        assert url.startswith(f"{prefix}/{entry['scm_revision']}/"), url
+        assert (REPO / url.split(f"/{entry['scm_revision']}/", 1)[1]).is_file(), f"{url}: no such file here"
+
+
+def test_module_docstring_is_true_about_torch_in_slicer():
+    """PyTorchUtils.installTorch ends with `import torch` in Slicer's own process: the module's
+    docstring may not promise that Slicer never imports torch without naming that exception."""
+    source = SCRIPT.read_text(encoding="utf-8")
+    doc = " ".join(ast.get_docstring(ast.parse(source)).split())
+    assert "installTorch" in source
+    claims = re.search(r"never imports? torch", doc)
+    if claims:
+        assert "installTorch" in doc and "Install" in doc, doc
+
+
 def test_module_texts():
     source = SCRIPT.read_text(encoding="utf-8")
     assert "Partially labelled" in source and "5.10" in source
@@ -236,8 +314,9 @@ def test_lib_imports_no_qt_at_module_level():
                 assert not {"qt", "ctk", "slicer.util"}.intersection(names), f"{path.name} imports Qt at load time"
 
 
-def test_module_imports_exist_in_the_lib():
-    tree = ast.parse(SCRIPT.read_text(encoding="utf-8"))
+@pytest.mark.parametrize("path", panelSources(), ids=lambda p: p.name)
+def test_module_imports_exist_in_the_lib(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("LTUDASegmentationLib."):
             target = LIB / (node.module.split(".", 1)[1] + ".py")
@@ -286,7 +365,7 @@ def test_pure_lib_modules_run_on_python39():
     code = f"""
 import glob, json, os, sys, tempfile, py_compile
 os.chdir({str(MODULE)!r})
-for f in ["LTUDASegmentation.py"] + glob.glob("LTUDASegmentationLib/*.py"):
+for f in ["LTUDASegmentation.py"] + glob.glob("LTUDASegmentationLib/*.py") + glob.glob("LTUDASegmentationWidgets/*.py"):
     py_compile.compile(f, doraise=True, cfile=os.path.join(tempfile.mkdtemp(), "x.pyc"))
 sys.path.insert(0, ".")
 import importlib

@@ -29,6 +29,7 @@ from pathlib import Path
 MODULE_NAME = "LTUDABatchSegment"
 HEADS = ("auto", "linear", "proto-labeled", "proto-unlabeled")
 DEVICES = ("auto", "cpu", "cuda")
+MAX_BATCH_SIZE = 1024  # = <constraints><maximum> of batchSize in the XML
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 130
 
 # Options that are not module parameters (not in the XML): Slicer Execution Model conventions.
@@ -127,8 +128,9 @@ def plan_jobs(args):
                          "written by the LTUDA Segmentation module or `ltuda train --out`).")
     if not Path(model).is_dir():
         raise UsageError(f"{model}: model folder not found. Pass the folder that holds model.json and model.pt.")
-    if args.batchSize is None or args.batchSize < 0:
-        raise UsageError(f"--batchSize {args.batchSize}: use 0 (automatic) or a positive number of slices.")
+    if args.batchSize is None or not 0 <= args.batchSize <= MAX_BATCH_SIZE:
+        raise UsageError(f"--batchSize {args.batchSize}: use 0 (automatic) or a number of slices from 1 to "
+                         f"{MAX_BATCH_SIZE}.")
 
     jobs = []
     wants_single_output = seg_out is not None or label_out is not None

@@ -2,9 +2,9 @@
 
 Submodules (import them directly): organs, cases, folders, segments, manifest, export, runner,
 progress, backend, probe (run as a script by the backend's Python), settings, models, jobs,
-results, synthetic, logic. None of them imports torch, MONAI or the `ltuda` backend package.
+results, synthetic, logic, nrrdfile (the export writer thread's NRRD writer). None of them imports torch, MONAI or the `ltuda` backend package.
 """
 
 # Order matters for reloading in Slicer ("Reload" button): dependencies first.
-SUBMODULES = ["errors", "organs", "settings", "progress", "runner", "manifest", "cases", "folders", "segments",
+SUBMODULES = ["errors", "nrrdfile", "organs", "settings", "progress", "runner", "manifest", "cases", "folders", "segments",
               "export", "backend", "models", "jobs", "results", "synthetic", "logic"]

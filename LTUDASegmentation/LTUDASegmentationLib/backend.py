@@ -56,6 +56,21 @@ def isLauncher(executable):
     return os.path.basename(executable).lower().startswith("pythonslicer")
 
 
+def realInterpreter(launcher):
+    """The interpreter Slicer's PythonSlicer launcher runs (python-real next to it), or None.
+
+    The launcher (CTKAppLauncher) starts python-real as its own child and forwards no signal: a
+    stop request sent to the launcher would end the launcher, not the training. Started directly,
+    the backend is our own child, gets the stop request itself and reports its own exit code."""
+    folder = os.path.dirname(os.path.abspath(launcher))
+    names = ("python-real.exe", "python-real") if os.name == "nt" else ("python-real",)
+    for name in names:
+        candidate = os.path.join(folder, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
 def versionTuple(text):
     numbers = re.findall(r"\d+", (text or "").split("+")[0])
     return tuple(int(n) for n in numbers[:3]) or (0,)
@@ -82,7 +97,12 @@ class Backend:
                 raise LTUDAError(f"The Python interpreter {self.python} does not exist. Choose another one in the "
                                  "Setup section, or switch back to Slicer's Python.")
             return self.python
-        return slicerPythonExecutable()
+        launcher = slicerPythonExecutable()
+        if isLauncher(launcher):
+            # python-real runs with Slicer's own environment (os.environ below): the Slicer launcher
+            # set the same library paths, PYTHONHOME and PYTHONPATH that PythonSlicer would set.
+            return realInterpreter(launcher) or launcher
+        return launcher
 
     def describe(self):
         return f"external Python {self.python}" if self.isExternal else "Slicer's Python"

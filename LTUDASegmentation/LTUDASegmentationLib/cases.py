@@ -113,6 +113,40 @@ def scanCase(case, organs, checkGeometry=True):
     return status
 
 
+def _transformSignature(node):
+    signature = []
+    transform = node.GetParentTransformNode() if node is not None else None
+    while transform is not None:
+        signature.append((transform.GetID(), transform.GetMTime()))
+        transform = transform.GetParentTransformNode()
+    return tuple(signature)
+
+
+def scanSignature(case, organs):
+    """What a scene case's scan depends on, as modification times (cheap to compute: no voxel is
+    read); None for a file case (their scan only checks that two files exist). Equal signatures mean
+    the scan of the case would give the same result."""
+    if not case.isScene:
+        return None
+    volume, segmentationNode = case.volumeNode, case.segmentationNode
+    image = volume.GetImageData()
+    parts = [id(volume), volume.GetMTime(), image.GetMTime() if image is not None else 0,
+             _transformSignature(volume), repr(organs)]
+    if segmentationNode is not None:
+        segmentation = segmentationNode.GetSegmentation()
+        parts += [id(segmentationNode), segmentationNode.GetMTime(), segmentation.GetMTime(),
+                  _transformSignature(segmentationNode)]
+        for i in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(i)
+            parts.append((segmentation.GetNthSegmentID(i), segment.GetMTime()))
+            names = []
+            segment.GetContainedRepresentationNames(names)
+            for name in names:
+                representation = segment.GetRepresentation(name)
+                parts.append((name, representation.GetMTime() if representation is not None else 0))
+    return tuple(parts)
+
+
 def _scanSceneCase(case, organs, status, checkGeometry):
     from .segments import geometryProblem, listSegments, segmentVoxelCount
 

@@ -1,7 +1,9 @@
 """A running backend command as a handle: status, progress, log, cancel, optional blocking wait.
 
-States follow MONAIAuto3DSeg's idea: starting -> running -> (importing) -> completed, or
-cancelling -> cancelled, or failed. `process()` must be called regularly on the owner's thread
+States follow MONAIAuto3DSeg's idea: (exporting) -> starting -> running -> (importing) -> completed,
+or cancelling -> cancelled, or failed. Exporting and importing run in steps inside process(), so
+the owner's thread is never blocked for the whole export or import (see export.TrainingExport and
+results.ClosedSurfaceSteps). `process()` must be called regularly on the owner's thread
 (Slicer: a 100 ms QTimer; scripts and tests: `wait()`); callbacks run inside it, so they may touch
 MRML and Qt.
 """
@@ -14,6 +16,7 @@ from .errors import LTUDAError
 from .progress import ProgressState
 from .runner import EXIT, STDERR, STDOUT
 
+EXPORTING = "exporting"
 STARTING = "starting"
 RUNNING = "running"
 CANCELLING = "cancelling"
@@ -33,8 +36,15 @@ class BackendJob:
     kind = "job"
     cancelGrace = 0.0
 
-    def __init__(self, runner, title="", onUpdate=None, onLog=None, onFinished=None, onSuccess=None):
+    def __init__(self, runner, title="", onUpdate=None, onLog=None, onFinished=None, onSuccess=None,
+                 preparation=None, makeRunner=None):
+        """preparation: work in steps before the command (step() -> True when done, cancel(), fraction(),
+        statusText(), result); makeRunner(preparation.result) then gives the runner. onSuccess may
+        return such a stepper too (e.g. building 3D surfaces): the job completes after its last step."""
         self.runner = runner
+        self.preparation = preparation
+        self.makeRunner = makeRunner
+        self._finishing = None
         self.title = title or self.kind
         self.progress = ProgressState()
         self.status = STARTING
@@ -54,7 +64,7 @@ class BackendJob:
     # -- state ------------------------------------------------------------------------------
     @property
     def logPath(self):
-        return self.runner.logPath
+        return self.runner.logPath if self.runner is not None else None
 
     @property
     def finished(self):
@@ -70,9 +80,17 @@ class BackendJob:
         return (self.endTime or time.time()) - self.startTime
 
     def fraction(self):
+        if self.status == EXPORTING:
+            return self.preparation.fraction()
+        if self.status == IMPORTING and self._finishing is not None:
+            return self._finishing.fraction()
         return self.progress.fraction()
 
     def statusText(self):
+        if self.status == EXPORTING:
+            return self.preparation.statusText()
+        if self.status == IMPORTING and self._finishing is not None:
+            return self._finishing.statusText()
         if self.status == STARTING:
             return "Starting..."
         if self.status == CANCELLING:
@@ -86,6 +104,14 @@ class BackendJob:
     # -- running ----------------------------------------------------------------------------
     def start(self):
         self.startTime = time.time()
+        if self.preparation is not None:
+            self.status = EXPORTING
+            self._notify()
+            return self
+        return self._startRunner()
+
+    def _startRunner(self):
+        self.status = STARTING
         try:
             self.runner.start()
         except OSError as exc:
@@ -99,6 +125,11 @@ class BackendJob:
         """Handle everything the child printed since the last call; True when something changed."""
         if self._processing or self.finished or self.status == STARTING:
             return False
+        if self.status == EXPORTING:
+            return self._prepareStep()
+        if self._finishing is not None:
+            return self._finishStep()
+        self._escalateStop()
         self._processing = True
         changed = False
         try:
@@ -127,6 +158,10 @@ class BackendJob:
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 return self.status
+            if self.status == EXPORTING and getattr(self.preparation, "lastStepTookCase", False):
+                continue  # the next case can be read at once
+            if self._finishing is not None:
+                continue
             if idle is not None:
                 idle()
             time.sleep(interval)
@@ -136,14 +171,17 @@ class BackendJob:
 
     def cancel(self):
         """Stop the run: training gets a grace period to save its checkpoint, then the tree is killed."""
-        if self.finished or self._cancelRequested:
-            return
+        if self.finished or self._cancelRequested or self._finishing is not None:
+            return  # (the result is already in the scene while its 3D surfaces are built)
         self._cancelRequested = True
+        if self.status == EXPORTING:
+            self._cancelPreparation()
+            return
         if self.status == STARTING:
             self._end(CANCELLED, "Cancelled.")
             return
         self.status = CANCELLING
-        self.runner.stop(grace=self.cancelGrace)
+        self._askToStop()
         self._notify()
 
     def kill(self):
@@ -151,7 +189,77 @@ class BackendJob:
         if self.finished:
             return
         self._cancelRequested = True
+        if self.status == EXPORTING:
+            self._cancelPreparation()
+            return
+        if self._finishing is not None:
+            self._finishing = None
+            self._end(CANCELLED, self._cancelledMessage())
+            return
         self.runner.stop(grace=0)
+
+    def _askToStop(self):
+        """Cancel's request to the running command (training: a stop file first, then a signal)."""
+        self.runner.stop(grace=self.cancelGrace)
+
+    def _escalateStop(self):
+        """Hook called by process(): turn a polite stop request into a signal when it is due."""
+
+    # -- steps before and after the command ---------------------------------------------------------
+    def _prepareStep(self):
+        try:
+            done = self.preparation.step()
+            if done:
+                self.runner = self.makeRunner(self.preparation.result)
+        except LTUDAError as exc:
+            self._preparationFailed(str(exc), getattr(exc, "details", ""))
+            return True
+        except Exception as exc:  # a bug or an unexpected OS error: still one readable message
+            self._preparationFailed(f"{self.title} could not export the cases: {type(exc).__name__}: {exc}")
+            return True
+        if done:
+            self._startRunner()
+        else:
+            self._notify()
+        return True
+
+    def _preparationFailed(self, message, details=""):
+        try:
+            self.preparation.cancel()
+        finally:
+            self._preparationEnded()
+        self._fail(message, details)
+
+    def _cancelPreparation(self):
+        try:
+            self.preparation.cancel()
+        finally:
+            self._preparationEnded()
+        self._end(CANCELLED, self._cancelledDuringPreparationMessage())
+
+    def _preparationEnded(self):
+        """Hook: the preparation was cancelled or failed (its files are already removed)."""
+
+    def _cancelledDuringPreparationMessage(self):
+        return f"{self.title} cancelled before it started."
+
+    def _finishStep(self):
+        try:
+            done = self._finishing.step()
+        except LTUDAError as exc:
+            self._finishing = None
+            self._fail(str(exc), getattr(exc, "details", ""))
+            return True
+        except Exception as exc:
+            self._finishing = None
+            self._fail(f"{self.title} finished but its results could not be loaded: {type(exc).__name__}: {exc}")
+            return True
+        if done:
+            self._finishing = None
+            self._end(COMPLETED, self._completedMessage())
+        else:
+            self._notify()
+        return True
 
     # -- internals --------------------------------------------------------------------------
     def _log(self, line):
@@ -181,7 +289,11 @@ class BackendJob:
                 if self.onSuccess is not None:
                     self.status = IMPORTING
                     self._notify()
-                    self.onSuccess(self)
+                    steps = self.onSuccess(self)
+                    if steps is not None and hasattr(steps, "step"):
+                        self._finishing = steps  # process() runs them, one per call
+                        self._notify()
+                        return
             except LTUDAError as exc:
                 self._fail(str(exc), getattr(exc, "details", ""))
                 return
@@ -238,14 +350,59 @@ class BackendJob:
 
 
 class TrainingJob(BackendJob):
+    """Cancel asks the trainer to stop with a file named STOP in the model folder (it saves its
+    last checkpoint and exits 130 when it sees it; works on every OS, also where a console signal
+    cannot reach a process started without a console). Still running after `stopFileGrace` s, it
+    gets SIGTERM (CTRL_BREAK on Windows), which makes it save and exit the same way, and after
+    `cancelGrace` s more its process tree is killed. The STOP file is removed when the job ends."""
+
     kind = "training"
     cancelGrace = 60.0  # the trainer saves its checkpoint on SIGTERM before exiting
+    stopFileGrace = 20.0
+    STOP_FILE = "STOP"
 
     def __init__(self, runner, modelDir, workDir=None, **kwargs):
         kwargs.setdefault("title", "Training")
         super().__init__(runner, **kwargs)
         self.modelDir = os.path.abspath(str(modelDir))
         self.workDir = workDir
+        self.stopFile = os.path.join(self.modelDir, self.STOP_FILE)
+        self._signalAt = None
+        self._wroteStopFile = False
+
+    def _startRunner(self):
+        self._removeStopFile(force=True)  # a stale request would stop the new training at once
+        return super()._startRunner()
+
+    def _askToStop(self):
+        try:
+            os.makedirs(self.modelDir, exist_ok=True)
+            with open(self.stopFile, "w", encoding="utf-8") as f:
+                f.write("Stop requested by the LTUDA Slicer module: save the last checkpoint and exit.\n")
+            self._wroteStopFile = True
+        except OSError:
+            self.runner.stop(grace=self.cancelGrace)  # no stop file possible: the signal at once
+            return
+        self.runner.stopRequested = True
+        self._signalAt = time.monotonic() + self.stopFileGrace
+
+    def _escalateStop(self):
+        if self._signalAt is not None and time.monotonic() >= self._signalAt:
+            self._signalAt = None
+            self.runner.stop(grace=self.cancelGrace)
+
+    def _removeStopFile(self, force=False):
+        if self._wroteStopFile or force:
+            try:
+                os.remove(self.stopFile)
+            except OSError:
+                pass
+            self._wroteStopFile = False
+
+    def _end(self, status, message):
+        self._signalAt = None
+        self._removeStopFile()
+        super()._end(status, message)
 
     def _completedMessage(self):
         dice = self.progress.meanDice
@@ -253,6 +410,15 @@ class TrainingJob(BackendJob):
         if dice is not None:
             text += f" Validation mean Dice {dice:.3f}."
         return text
+
+    def _preparationEnded(self):
+        if self.workDir:
+            import shutil
+
+            shutil.rmtree(self.workDir, ignore_errors=True)
+
+    def _cancelledDuringPreparationMessage(self):
+        return "Training cancelled while exporting the cases: nothing was trained and no file was left behind."
 
     def _cancelledMessage(self):
         if os.path.isfile(os.path.join(self.modelDir, "model.json")):

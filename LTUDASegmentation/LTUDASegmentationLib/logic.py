@@ -12,9 +12,9 @@ import shutil
 
 from . import jobs as jobsModule
 from .backend import Backend
-from .cases import Case, requireUsable, scanCase, summarize
+from .cases import Case, requireUsable, scanCase, scanSignature, summarize
 from .errors import LTUDAError
-from .export import exportTrainingData
+from .export import TrainingExport, exportTrainingData
 from .folders import findImageLabelPairs, parseValueMap
 from .models import HEADS, ModelInfo, ModelRegistry, readModel
 from .organs import (OrganError, defaultOrgans, findOrgan, organClass, organsFromJson, organsToJson, renumber,
@@ -57,6 +57,7 @@ class LTUDALogicCore:
         self.predictionJob = None
         self.lastProbe = None
         self._plotNodes = None
+        self._scanCache = {}  # id(case) -> (scanSignature, CaseStatus)
 
     # ---------------------------------------------------------------------------------- scene
     @property
@@ -218,8 +219,21 @@ class LTUDALogicCore:
         return False
 
     def caseStatuses(self):
+        """CaseStatus of every case; a scene case is scanned again only when one of its nodes, segments,
+        transforms or the organ list changed since the last scan (the panel asks on every update)."""
         self.pruneCases()
-        return [scanCase(c, self.organs) for c in self.cases]
+        statuses, cache = [], {}
+        for case in self.cases:
+            signature = scanSignature(case, self.organs)
+            cached = self._scanCache.get(id(case))
+            if signature is not None and cached is not None and cached[0] == signature and cached[1].case is case:
+                status = cached[1]
+            else:
+                status = scanCase(case, self.organs)
+            cache[id(case)] = (signature, status)
+            statuses.append(status)
+        self._scanCache = cache
+        return statuses
 
     def caseTable(self):
         """One row per case: {"name", "volume", "segmentation", "organs": {organ: 'labelled'|'empty'|
@@ -360,26 +374,35 @@ class LTUDALogicCore:
         if checkBackend:
             self.requireBackendReady(device)
         runFolder = self.newRunFolder("train")
+        # Checked now (an error is raised here); the cases are then read one per job.process() call
+        # on this thread and written by a worker thread, so the GUI stays responsive during the export.
+        statuses = self.caseStatuses()  # cached scans (the panel's button check made them already)
+        export = TrainingExport(self.cases, self.organs, runFolder, ignoreUnmatched=ignoreUnmatched,
+                                statuses=statuses)
         try:
-            manifest, outside = exportTrainingData(self.cases, self.organs, runFolder, ignoreUnmatched=ignoreUnmatched)
+            export.begin()
         except Exception:
+            export.cancel()
             shutil.rmtree(runFolder, ignore_errors=True)
             raise
-        args = ["train", "--dataset", manifest, "--out", modelFolder, "--preset", preset, "--device", device,
-                "--progress", "jsonl"]
-        if epochsStage1:
-            args += ["--epochs-stage1", int(epochsStage1)]
-        if epochsStage2:
-            args += ["--epochs-stage2", int(epochsStage2)]
-        if outside:
-            args.append("--allow-outside-paths")
-        if resume:
-            args.append("--resume")
-        elif overwrite and hasModel:
-            args.append("--overwrite")
-        args += [str(a) for a in (extraArgs or [])]
-        runner = ProcessRunner(backend.command(*args), env=backend.environment(), cwd=runFolder,
-                               logPath=os.path.join(runFolder, "ltuda-train.log"))
+
+        def makeRunner(exported):
+            manifest, outside = exported
+            args = ["train", "--dataset", manifest, "--out", modelFolder, "--preset", preset, "--device", device,
+                    "--progress", "jsonl"]
+            if epochsStage1:
+                args += ["--epochs-stage1", int(epochsStage1)]
+            if epochsStage2:
+                args += ["--epochs-stage2", int(epochsStage2)]
+            if outside:
+                args.append("--allow-outside-paths")
+            if resume:
+                args.append("--resume")
+            elif overwrite and hasModel:
+                args.append("--overwrite")
+            args += [str(a) for a in (extraArgs or [])]
+            return ProcessRunner(backend.command(*args), env=backend.environment(), cwd=runFolder,
+                                 logPath=os.path.join(runFolder, "ltuda-train.log"))
 
         def onSuccess(job):
             self.registry.add(job.modelDir)
@@ -395,8 +418,9 @@ class LTUDALogicCore:
             if onFinished is not None:
                 onFinished(job)
 
-        job = jobsModule.TrainingJob(runner, modelFolder, workDir=runFolder, onUpdate=onUpdate, onLog=onLog,
-                                     onFinished=finished, onSuccess=onSuccess)
+        job = jobsModule.TrainingJob(None, modelFolder, workDir=runFolder, onUpdate=onUpdate, onLog=onLog,
+                                     onFinished=finished, onSuccess=onSuccess, preparation=export,
+                                     makeRunner=makeRunner)
         self.trainingJob = job
         job.start()
         self._schedule(job)
@@ -476,9 +500,14 @@ class LTUDALogicCore:
 
             if not os.path.isfile(outputPath):
                 raise LTUDAError(f"The backend finished but wrote no result ({outputPath}).")
-            job.segmentationNode = importPrediction(self.scene, outputPath, volumeNode, name=name, show3D=show3D)
+            job.segmentationNode = importPrediction(self.scene, outputPath, volumeNode, name=name, show3D=False)
             if not (keepWorkFiles or keepLabelMap):
                 shutil.rmtree(runFolder, ignore_errors=True)
+            if show3D:  # the 3D surfaces one organ per job.process() call, not all in one block
+                from .results import ClosedSurfaceSteps
+
+                return ClosedSurfaceSteps(job.segmentationNode)
+            return None
 
         job = jobsModule.PredictionJob(runner, volumeNode, outputPath, labelMapPath, onUpdate=onUpdate, onLog=onLog,
                                        onFinished=onFinished, onSuccess=onSuccess)

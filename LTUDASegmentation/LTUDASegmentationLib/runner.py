@@ -9,7 +9,9 @@
 - `stop(grace)` asks the child to stop (SIGTERM to the whole process group; CTRL_BREAK on
   Windows), then kills the whole tree when it is still running after `grace` seconds; `kill()`
   kills the tree at once. The launcher (PythonSlicer) is a parent of the real interpreter, so
-  the whole group/tree is signalled, never only the direct child.
+  the whole group/tree is signalled, never only the direct child, and a real interpreter that
+  outlives its launcher keeps the whole grace period (backend.py starts python-real directly when
+  it can).
 """
 
 import os
@@ -48,6 +50,7 @@ class ProcessRunner:
         self._killDeadline = None
         self._exitReported = False
         self._exitSeenAt = None
+        self._orphansKilledAt = None
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self):
@@ -124,14 +127,19 @@ class ProcessRunner:
                 break
         if not self._exitReported and self.process.poll() is not None:
             # A grandchild that outlives the child can hold the pipes open: kill the rest of the
-            # group after a few seconds and stop waiting for its output.
+            # group after a few seconds and stop waiting for its output. After a stop request the
+            # grandchild (the real interpreter behind a launcher that ended at once) keeps the
+            # whole grace period to save its state.
             now = time.monotonic()
             if self._exitSeenAt is None:
                 self._exitSeenAt = now
             readersDone = not any(t.is_alive() for t in self._readers)
-            if not readersDone and now - self._exitSeenAt > 5.0:
-                killTree(self.process.pid)
-                readersDone = now - self._exitSeenAt > 8.0
+            if not readersDone:
+                graceLeft = self._killDeadline is not None and now < self._killDeadline
+                if self._orphansKilledAt is None and not graceLeft and now - self._exitSeenAt > 5.0:
+                    killTree(self.process.pid)
+                    self._orphansKilledAt = now
+                readersDone = self._orphansKilledAt is not None and now - self._orphansKilledAt > 3.0
             if readersDone and self._queue.empty():
                 self._reportExit(items)
         return items

@@ -1,9 +1,9 @@
 """MRML helpers for segmentations: read segments, count voxels, check geometry, export labels.
 
-Everything here reads the user's nodes without modifying them: label export happens in a private
-scratch scene (and on a copy of the segmentation when its source representation is not a binary
-labelmap), and files are written with stand-alone storage nodes. Works in Slicer and with the
-slicer-core wheel (no Qt, no slicer.app, no slicer.modules).
+Everything here reads the user's nodes without modifying them: label export reads the segments'
+labelmaps with plain VTK (on a private vtkSegmentation copy when the source representation is a
+closed surface), never through a MRML node, and files are written with stand-alone storage nodes.
+Works in Slicer and with the slicer-core wheel (no Qt, no slicer.app, no slicer.modules).
 """
 
 import numpy as np
@@ -188,31 +188,92 @@ class _Scratch:
         self.scene.Clear(1)
 
 
-def _workingSegmentation(scratch, segmentationNode, volumeNode):
-    """The node to export from: the user's node when its source is a labelmap (read only), else a
-    copy in the scratch scene, voxelised on the volume's grid."""
+def _vtkMatrix(array):
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r][c]))
+    return matrix
+
+
+def _parentToParentMatrix(fromNode, toNode):
+    """4x4 array mapping coordinates under the transform node `fromNode` to coordinates under
+    `toNode` (None = world). Raises LTUDAError for a non-linear transform."""
+    if fromNode is toNode:
+        return np.eye(4)
+    for node in (fromNode, toNode):
+        if node is not None and not node.IsTransformToWorldLinear():
+            raise LTUDAError(f"The transform '{node.GetName()}' is not linear. Harden it on the volume and the "
+                             "segmentation (Data module: right-click, 'Harden transform') before training.")
+    matrix = vtk.vtkMatrix4x4()
+    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(fromNode, toNode, matrix)
+    return _matrixArray(matrix)
+
+
+def _volumeGridInSegmentationSpace(volumeNode, segmentationNode):
+    """The volume's voxel grid (extent and geometry, no voxels) in the segmentation's own coordinates:
+    the volume's parent transform and the segmentation's are applied once each, whatever they are."""
+    volumeToSegmentation = _parentToParentMatrix(volumeNode.GetParentTransformNode(),
+                                                 segmentationNode.GetParentTransformNode())
+    grid = slicer.vtkOrientedImageData()
+    grid.SetExtent(volumeNode.GetImageData().GetExtent())
+    grid.SetGeometryFromImageToWorldMatrix(_vtkMatrix(volumeToSegmentation @ volumeIjkToRas(volumeNode)))
+    return grid
+
+
+def _labelmapSegmentation(segmentationNode, grid):
+    """A vtkSegmentation holding binary labelmaps to read: the user's own when its source is a
+    labelmap (only read), else a private copy (no MRML node, no scene) voxelised on `grid`."""
     segmentation = segmentationNode.GetSegmentation()
     if sourceRepresentationName(segmentation) == binaryLabelmapName():
-        return segmentationNode
+        return segmentation
     ensureSegmentationConverters()
-    copy = scratch.add("vtkMRMLSegmentationNode", "copy")
-    copy.GetSegmentation().DeepCopy(segmentation)
-    copy.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-    copied = copy.GetSegmentation()
-    copied.CreateRepresentation(binaryLabelmapName(), True)
-    setter = getattr(copied, "SetSourceRepresentationName", None) or copied.SetMasterRepresentationName
-    setter(binaryLabelmapName())
+    copy = slicer.vtkSegmentation()
+    copy.DeepCopy(segmentation)
+    copy.SetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+                                slicer.vtkSegmentationConverter.SerializeImageGeometry(grid))
+    if not copy.CreateRepresentation(binaryLabelmapName(), True):
+        raise LTUDAError(f"The segmentation '{segmentationNode.GetName()}' could not be converted to a label map.")
     return copy
+
+
+def _maskOnGrid(segmentation, segmentId, grid, shape):
+    """Boolean mask (numpy order k, j, i) of one segment resampled (nearest neighbour) onto grid."""
+    segment = segmentation.GetSegment(segmentId)
+    labelmap = segment.GetRepresentation(binaryLabelmapName()) if segment is not None else None
+    if labelmap is None or _scalars(labelmap) is None:
+        return np.zeros(shape, dtype=bool)
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            labelmap, grid, resampled, False, False):
+        return None
+    array = _scalars(resampled)
+    if array is None:
+        return np.zeros(shape, dtype=bool)
+    extent = resampled.GetExtent()
+    gridExtent = grid.GetExtent()
+    mask = np.zeros(shape, dtype=bool)
+    low = [max(extent[2 * a], gridExtent[2 * a]) for a in range(3)]
+    high = [min(extent[2 * a + 1], gridExtent[2 * a + 1]) for a in range(3)]
+    if any(h < lo for lo, h in zip(low, high)):
+        return mask
+    source = array[low[2] - extent[4]:high[2] - extent[4] + 1, low[1] - extent[2]:high[1] - extent[2] + 1,
+                   low[0] - extent[0]:high[0] - extent[0] + 1]
+    mask[low[2] - gridExtent[4]:high[2] - gridExtent[4] + 1, low[1] - gridExtent[2]:high[1] - gridExtent[2] + 1,
+         low[0] - gridExtent[0]:high[0] - gridExtent[0] + 1] = source == segment.GetLabelValue()
+    return mask
 
 
 def labelArrayOnVolume(volumeNode, segmentationNode, segmentValues, checkFit=True):
     """Class values (uint8, numpy order k, j, i) on the volume's voxel grid: each segment id in
     `segmentValues` painted with its value (later ones win where segments overlap).
 
-    With checkFit, raises LTUDAError when a segment loses voxels on the volume's grid (drawn on
-    another grid, or partly outside the volume)."""
-    import slicer.util
+    Pure VTK: no MRML node is created and nothing is added to any scene (Slicer's labelmap export
+    would add a colour table to the user's scene). Parent transforms of the volume and of the
+    segmentation are taken into account once each (linear transforms only).
 
+    With checkFit, raises LTUDAError when a segment loses voxels on the volume's grid (drawn on
+    another grid, or partly outside the volume), or a closed-surface segment falls outside it."""
     image = volumeNode.GetImageData()
     if image is None:
         raise LTUDAError(f"The volume '{volumeNode.GetName()}' has no image data.")
@@ -220,32 +281,28 @@ def labelArrayOnVolume(volumeNode, segmentationNode, segmentValues, checkFit=Tru
     out = np.zeros(tuple(reversed(dims)), dtype=np.uint8)
     if not segmentValues:
         return out
-    scratch = _Scratch()
-    try:
-        working = _workingSegmentation(scratch, segmentationNode, volumeNode)
-        labelNode = scratch.add("vtkMRMLLabelMapVolumeNode", "export")
-        for segmentId, value in segmentValues.items():
-            ids = vtk.vtkStringArray()
-            ids.InsertNextValue(segmentId)
-            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(working, ids, labelNode, volumeNode):
-                raise LTUDAError(f"Could not export segment '{segmentId}' of '{segmentationNode.GetName()}' onto "
-                                 f"the volume '{volumeNode.GetName()}'.")
-            mask = slicer.util.arrayFromVolume(labelNode) > 0
-            if mask.shape != out.shape:
-                raise LTUDAError(f"The segmentation '{segmentationNode.GetName()}' could not be resampled onto the "
-                                 f"volume '{volumeNode.GetName()}'.")
-            if checkFit and working is segmentationNode:
-                own = segmentVoxelCount(segmentationNode, segmentId)
-                if own >= 0 and int(mask.sum()) != own:
-                    name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
-                    raise LTUDAError(
-                        f"The segment '{name}' of '{segmentationNode.GetName()}' does not fit the voxel grid of the "
-                        f"volume '{volumeNode.GetName()}' ({own} voxels in the segmentation, {int(mask.sum())} on the "
-                        "volume). " + (geometryProblem(volumeNode, segmentationNode) or
-                                       "Pick the volume the segmentation was drawn on."))
-            out[mask] = value
-    finally:
-        scratch.close()
+    grid = _volumeGridInSegmentationSpace(volumeNode, segmentationNode)
+    segmentation = _labelmapSegmentation(segmentationNode, grid)
+    isUsersOwn = segmentation is segmentationNode.GetSegmentation()
+    for segmentId, value in segmentValues.items():
+        mask = _maskOnGrid(segmentation, segmentId, grid, out.shape)
+        if mask is None:
+            raise LTUDAError(f"The segmentation '{segmentationNode.GetName()}' could not be resampled onto the "
+                             f"volume '{volumeNode.GetName()}'.")
+        if checkFit:
+            name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+            own = segmentVoxelCount(segmentationNode, segmentId)
+            if isUsersOwn and own >= 0 and int(mask.sum()) != own:
+                raise LTUDAError(
+                    f"The segment '{name}' of '{segmentationNode.GetName()}' does not fit the voxel grid of the "
+                    f"volume '{volumeNode.GetName()}' ({own} voxels in the segmentation, {int(mask.sum())} on the "
+                    "volume). " + (geometryProblem(volumeNode, segmentationNode) or
+                                   "Pick the volume the segmentation was drawn on."))
+            if not isUsersOwn and own != 0 and not mask.any():
+                raise LTUDAError(
+                    f"The segment '{name}' of '{segmentationNode.GetName()}' lies outside the volume "
+                    f"'{volumeNode.GetName()}'. Pick the volume it was drawn on, or check the transforms of both.")
+        out[mask] = value
     return out
 
 
