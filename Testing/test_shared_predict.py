@@ -4,6 +4,7 @@ GPU out-of-memory fallback. Workers are real `python -m ltuda predict` subproces
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -204,3 +205,25 @@ def test_out_of_memory_at_one_slice_still_fails(tiny_model, tiny_dataset):
     with pytest.raises(torch.OutOfMemoryError):
         predictor.segment(image)
     assert predictor.batch_size == 1
+
+
+def test_a_dead_workers_claim_is_taken_over_with_its_temporary_files(tmp_path):
+    out = tmp_path / "out"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    box, notices = ClaimBox(out), []
+    box.report = type("Notes", (), {"log": lambda self, text: notices.append(text)})()
+    box.folder.mkdir(parents=True)
+    box.path_for("ct_7").write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "started": "?",
+                                                "case": "ct_7"}))
+    leftover = out / f".ct_7.seg.nrrd.{gone.pid}.1a2b3c4d.tmp.seg.nrrd"
+    other = out / f".ct_7.seg.nrrd.{os.getpid()}.1a2b3c4d.tmp.seg.nrrd"  # not the dead worker's
+    leftover.write_bytes(b"half")
+    other.write_bytes(b"half")
+    claim = box.claim("ct_7")
+    assert claim is not None and json.loads(box.path_for("ct_7").read_text())["pid"] == os.getpid()
+    assert not leftover.exists() and other.exists()
+    assert notices and f"PID {gone.pid}" in notices[0]
+    claim.release()
+    box.tidy()
+    assert not box.folder.exists()
