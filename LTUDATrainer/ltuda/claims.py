@@ -31,11 +31,6 @@ from pathlib import Path
 from .errors import write_error
 from .train.lock import as_int, pid_alive, same_file, try_flock
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-
 CLAIMS_DIR = ".claims"
 DEFAULT_TIMEOUT_S = 3600.0
 HEARTBEAT_S = 60.0

@@ -81,9 +81,12 @@ class Predictor:
             chunk = np.asarray(canonical[start:start + self.batch_size], dtype=np.float32)
             try:
                 labels[start:start + chunk.shape[0]] = self._segment_slices(chunk, height, width)
+                out_of_memory = False
             except OUT_OF_MEMORY:
                 if self.batch_size <= 1:
                     raise
+                out_of_memory = True
+            if out_of_memory:  # outside the except block: the failed pass's tensors are freed by now
                 self._halve_batch()
                 continue  # the same slices again, fewer at a time
             start += chunk.shape[0]
