@@ -23,6 +23,14 @@ def _add_progress(parser):
                         help="jsonl: one JSON object per line on stdout for programs (the Slicer module)")
 
 
+def _shard(text):
+    from .claims import parse_shard
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltuda", description="LTUDA: multi-organ segmentation from partially labelled CT.")
     parser.add_argument("--version", action="version", version=f"ltuda {__version__}")
@@ -101,6 +109,12 @@ def _build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
     predict.add_argument("--redo", action="store_true", help="batch mode: recompute outputs that already exist")
     predict.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    predict.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                         help="folder mode: only the inputs whose index in name order mod N is I (0-based: 0/4 .. 3/4; "
+                              "e.g. $SLURM_ARRAY_TASK_ID/N with --array=0-(N-1))")
+    predict.add_argument("--claim-timeout", type=float, default=None, metavar="SECONDS",
+                         help="folder mode: take over a case whose claim (OUTPUT/.claims/CASE.lock) has shown no sign of "
+                              "life for this long, from a worker on another machine (default 3600)")
     _add_progress(predict)
 
     evaluate = sub.add_parser("evaluate", help="3D Dice and HD95 (mm) of predictions against ground truth")
@@ -234,10 +248,12 @@ def cmd_predict(args, report) -> int:
     from .predict import run_prediction
     summary = run_prediction(args.model, args.input, args.output, head=args.head, postprocess=not args.no_postprocess,
                              label_map=args.label_map, device=args.device, batch_size=args.batch_size,
-                             redo=args.redo, overwrite=args.overwrite, report=report)
+                             redo=args.redo, overwrite=args.overwrite, report=report, shard=args.shard,
+                             claim_timeout=args.claim_timeout)
     if summary["cases"] > 1 or summary["failed"]:
         report.log(f"{summary['cases']} case(s): {summary['done']} done, {summary['skipped']} skipped, "
-                   f"{len(summary['failed'])} failed; {summary['seconds_per_case']} s per case")
+                   + (f"{summary['busy']} being done by other workers, " if summary.get("busy") else "")
+                   + f"{len(summary['failed'])} failed; {summary['seconds_per_case']} s per case")
         for failure in summary["failed"]:
             report.log(f"  failed: {failure['message']}")
     return 1 if summary["failed"] else 0

@@ -4,6 +4,10 @@ Slices go through the network in batches (bounded memory), class scores are resi
 slice's own size before the argmax, optional largest-component clean-up runs in SimpleITK, and the
 labels are oriented back onto the input grid. `run_prediction` is the one implementation behind
 `ltuda predict`, the Slicer module and the Slicer CLI module.
+
+A GPU that runs out of memory halves the slice batch and retries (down to one slice) instead of
+failing. In folder mode several workers can share one input and output folder (claims.py), or each
+take a fixed shard of it (`shard=(i, n)`).
 """
 
 import time
@@ -14,6 +18,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from .claims import DEFAULT_TIMEOUT_S, ClaimBox
 from .data.preprocess import Preprocessing, check_image_values, from_canonical, normalise_hu, resize_slices, to_canonical
 from .errors import LtudaError
 from .io.segnrrd import write_label_map, write_seg_nrrd
@@ -23,6 +28,11 @@ from .model.store import load_model
 from .progress import SilentReporter
 from .terminology import EXPECTED_COMPONENTS
 from .train.trainer import device_name, pick_device
+
+
+# torch >= 2.5 names it torch.OutOfMemoryError (torch.cuda.OutOfMemoryError is the same class); older: cuda only
+OUT_OF_MEMORY = tuple({e for e in (getattr(torch, "OutOfMemoryError", None),
+                                   getattr(torch.cuda, "OutOfMemoryError", None)) if e is not None})
 
 
 def keep_largest_components(labels: np.ndarray, classes) -> np.ndarray:
@@ -41,7 +51,8 @@ def keep_largest_components(labels: np.ndarray, classes) -> np.ndarray:
 
 
 class Predictor:
-    def __init__(self, model_dir, head: str = "auto", device: str = "auto", batch_size=None):
+    def __init__(self, model_dir, head: str = "auto", device: str = "auto", batch_size=None, report=None):
+        self.report = report or SilentReporter()
         self.model_dir = Path(model_dir)
         net, self.meta = load_model(model_dir)
         self.classes = self.meta["classes"]
@@ -65,19 +76,41 @@ class Predictor:
         canonical = sitk.GetArrayViewFromImage(canonical_image)
         depth, height, width = canonical.shape
         labels = np.zeros(canonical.shape, dtype=np.uint8)
-        for start in range(0, depth, self.batch_size):
-            chunk = torch.from_numpy(np.asarray(canonical[start:start + self.batch_size], dtype=np.float32))
-            x = resize_slices(normalise_hu(chunk.to(self.device), self.prep.hu_window), self.prep.image_size)
-            with self._autocast():
-                scores = class_probabilities(self.net(x[:, None], heads=(self.head,)), self.head)
-            scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
-            # max().indices: several times faster than argmax() over the channel axis on CPUs
-            labels[start:start + chunk.shape[0]] = scores.max(dim=1).indices.to(torch.uint8).cpu().numpy()
+        start = 0
+        while start < depth:
+            chunk = np.asarray(canonical[start:start + self.batch_size], dtype=np.float32)
+            try:
+                labels[start:start + chunk.shape[0]] = self._segment_slices(chunk, height, width)
+                out_of_memory = False
+            except OUT_OF_MEMORY:
+                if self.batch_size <= 1:
+                    raise
+                out_of_memory = True
+            if out_of_memory:  # outside the except block: the failed pass's tensors are freed by now
+                self._halve_batch()
+                continue  # the same slices again, fewer at a time
+            start += chunk.shape[0]
             if on_fraction:
-                on_fraction(min(1.0, (start + chunk.shape[0]) / depth))
+                on_fraction(min(1.0, start / depth))
         if postprocess:
             labels = keep_largest_components(labels, self.classes)
         return from_canonical(labels, image)
+
+    def _segment_slices(self, chunk: np.ndarray, height: int, width: int) -> np.ndarray:
+        x = resize_slices(normalise_hu(torch.from_numpy(chunk).to(self.device), self.prep.hu_window),
+                          self.prep.image_size)
+        with self._autocast():
+            scores = class_probabilities(self.net(x[:, None], heads=(self.head,)), self.head)
+        scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
+        # max().indices: several times faster than argmax() over the channel axis on CPUs
+        return scores.max(dim=1).indices.to(torch.uint8).cpu().numpy()
+
+    def _halve_batch(self):
+        """Out of GPU memory: keep half the slices per forward pass from now on (this and later cases)."""
+        old, self.batch_size = self.batch_size, max(1, self.batch_size // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.report.log(f"notice: out of GPU memory with {old} slices per batch; retrying with {self.batch_size}")
 
 
 def _single_output(input_path: Path, output: Path) -> Path:
@@ -89,16 +122,20 @@ def _single_output(input_path: Path, output: Path) -> Path:
     return output
 
 
-def _predict_one(predictor, source: Path, target: Path, label_map, postprocess, report, index, count):
+def _predict_one(predictor, source: Path, target: Path, label_map, postprocess, report, index, count, claim=None):
     started = time.time()
 
     def on_fraction(fraction):
+        if claim is not None:
+            claim.heartbeat()
         report.emit("progress", fraction=(index + 0.9 * fraction) / count, case=str(source), stage="segmenting")
 
     image = read_image(source)
     check_image_values(sitk.GetArrayViewFromImage(image), source)
     labels = predictor.segment(image, postprocess=postprocess, on_fraction=on_fraction)
     report.emit("progress", fraction=(index + 0.95) / count, case=str(source), stage="writing")
+    if claim is not None:
+        claim.heartbeat(force=True)
     write_seg_nrrd(target, labels, image, predictor.classes)
     if label_map is not None:
         write_label_map(label_map, labels, image)
@@ -108,20 +145,35 @@ def _predict_one(predictor, source: Path, target: Path, label_map, postprocess, 
 
 
 def run_prediction(model_dir, input_path, output_path, head="auto", postprocess=True, label_map=None,
-                   device="auto", batch_size=None, redo=False, overwrite=False, report=None) -> dict:
-    """Segment one volume (file or DICOM folder) or a folder of volumes; see CONTRACTS.md."""
+                   device="auto", batch_size=None, redo=False, overwrite=False, report=None, shard=None,
+                   claim_timeout=DEFAULT_TIMEOUT_S) -> dict:
+    """Segment one volume (file or DICOM folder) or a folder of volumes; see CONTRACTS.md.
+
+    Folder mode: `shard=(i, n)` keeps the inputs whose sorted index mod n == i; each case is claimed
+    (claims.py) so several workers can share the folders; a claim silent for `claim_timeout` s is stale.
+    """
     report = report or SilentReporter()
     source, output = Path(input_path), Path(output_path)
     if not source.exists():
         raise LtudaError("input not found", source, "Pass a volume file, a DICOM series folder or a folder of volumes.")
-    predictor = Predictor(model_dir, head, device, batch_size)
+    if claim_timeout is not None and not claim_timeout > 0:
+        raise LtudaError(f"--claim-timeout {claim_timeout} is not a positive number of seconds",
+                         fix="Use e.g. 3600 (an hour without a sign of life from the worker holding a case).")
+    batch_mode = source.is_dir() and not is_dicom_folder(source)
+    if shard is not None and not batch_mode:
+        raise LtudaError("--shard needs a folder of volumes as --input", source,
+                         "Pass the folder that holds the volumes, or leave --shard out for one volume.")
+    predictor = Predictor(model_dir, head, device, batch_size, report=report)
     report.log(f"model {predictor.model_dir} ({len(predictor.classes)} organs, head {predictor.head}) "
                f"on {device_name(predictor.device)}")
-    batch_mode = source.is_dir() and not is_dicom_folder(source)
+    claims = None
     if batch_mode:
         inputs = list_volumes(source)
         if not inputs:
             raise LtudaError("holds no volumes (.nii.gz, .nii, .nrrd, .mha) or DICOM series", source)
+        if shard is not None:
+            inputs = [p for i, p in enumerate(inputs) if i % shard[1] == shard[0]]
+            report.log(f"shard {shard[0]}/{shard[1]}: {len(inputs)} case(s)")
         if output.exists() and not output.is_dir():
             raise LtudaError("must be a folder when the input is a folder", output)
         output.mkdir(parents=True, exist_ok=True)
@@ -130,6 +182,7 @@ def run_prediction(model_dir, input_path, output_path, head="auto", postprocess=
             label_dir.mkdir(parents=True, exist_ok=True)
         jobs = [(p, output / f"{volume_stem(p)}.seg.nrrd", label_dir / f"{volume_stem(p)}.nrrd" if label_dir else None)
                 for p in inputs]
+        claims = ClaimBox(output, claim_timeout if claim_timeout is not None else DEFAULT_TIMEOUT_S, report)
     else:
         target = _single_output(source, output)
         if target.resolve() == source.resolve():
@@ -140,27 +193,59 @@ def run_prediction(model_dir, input_path, output_path, head="auto", postprocess=
         jobs = [(source, target, Path(label_map) if label_map else None)]
     report.emit("start", command="predict", cases=len(jobs), device=predictor.device.type,
                 device_name=device_name(predictor.device), head=predictor.head)
-    done, skipped, failed, seconds = [], [], [], []
-    for index, (src, dst, lab) in enumerate(jobs):
-        if batch_mode and dst.exists() and not redo:
-            skipped.append(str(src))
-            report.emit("progress", fraction=(index + 1) / len(jobs), case=str(src), stage="skipped (already done)")
-            continue
+    run_started = time.time()
+    done, failed, seconds = [], [], []
+
+    def finished_elsewhere(dst: Path) -> bool:
+        """Its output exists (with --redo: was written since this run started, by another worker)."""
         try:
-            seconds.append(_predict_one(predictor, src, dst, lab, postprocess, report, index, len(jobs)))
-            done.append(str(dst))
-        except LtudaError as exc:
-            if not batch_mode:
-                raise
-            failed.append({"input": str(src), "message": str(exc)})
-            report.emit("case_failed", input=str(src), message=str(exc))
-        except (RuntimeError, MemoryError) as exc:  # e.g. out of memory on one huge volume
-            message = f"{src}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            if not batch_mode:
-                raise LtudaError(message, fix="Try --device cpu or a smaller --batch-size.") from None
-            failed.append({"input": str(src), "message": message})
-            report.emit("case_failed", input=str(src), message=message)
-    summary = {"cases": len(jobs), "done": len(done), "skipped": len(skipped), "failed": failed,
+            return not redo or dst.stat().st_mtime >= run_started - 1
+        except OSError:
+            return False
+
+    def attempt(index, src, dst, lab):
+        """'done', 'skipped', 'failed' or 'busy' (another worker holds the case)."""
+        if batch_mode and dst.exists() and finished_elsewhere(dst):
+            report.emit("progress", fraction=(index + 1) / len(jobs), case=str(src), stage="skipped (already done)")
+            return "skipped"
+        claim = claims.claim(volume_stem(src)) if claims is not None else None
+        if claims is not None and claim is None:
+            report.emit("progress", fraction=(index + 1) / len(jobs), case=str(src),
+                        stage="skipped (another worker is on it)")
+            return "busy"
+        try:
+            if claim is not None and dst.exists() and finished_elsewhere(dst):  # finished while we claimed it
+                report.emit("progress", fraction=(index + 1) / len(jobs), case=str(src), stage="skipped (already done)")
+                return "skipped"
+            try:
+                seconds.append(_predict_one(predictor, src, dst, lab, postprocess, report, index, len(jobs), claim))
+                done.append(str(dst))
+                return "done"
+            except LtudaError as exc:
+                if not batch_mode:
+                    raise
+                failed.append({"input": str(src), "message": str(exc)})
+                report.emit("case_failed", input=str(src), message=str(exc))
+            except (RuntimeError, MemoryError) as exc:  # e.g. out of memory on one huge volume
+                message = f"{src}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                if not batch_mode:
+                    raise LtudaError(message, fix="Try --device cpu or a smaller --batch-size.") from None
+                failed.append({"input": str(src), "message": message})
+                report.emit("case_failed", input=str(src), message=message)
+            return "failed"
+        finally:
+            if claim is not None:
+                claim.release()
+
+    outcomes = {index: attempt(index, *job) for index, job in enumerate(jobs)}
+    # Once more for the cases other workers held: a worker that died meanwhile left them to us.
+    for index in [i for i, outcome in outcomes.items() if outcome == "busy"]:
+        outcomes[index] = attempt(index, *jobs[index])
+    skipped = [str(jobs[i][0]) for i, outcome in outcomes.items() if outcome == "skipped"]
+    busy = [str(jobs[i][0]) for i, outcome in outcomes.items() if outcome == "busy"]
+    if claims is not None:
+        claims.tidy()
+    summary = {"cases": len(jobs), "done": len(done), "skipped": len(skipped), "busy": len(busy), "failed": failed,
                "outputs": done, "seconds_per_case": round(float(np.mean(seconds)), 3) if seconds else None}
     if predictor.device.type == "cuda":
         summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(predictor.device) / 2**30, 3)

@@ -61,7 +61,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _try_flock(fd: int):
+def try_flock(fd: int):
     """True: flock taken. False: another process holds it. None: this OS or filesystem has no flock."""
     if fcntl is None:
         return None
@@ -74,7 +74,7 @@ def _try_flock(fd: int):
         return None
 
 
-def _same_file(fd: int, path: Path) -> bool:
+def same_file(fd: int, path: Path) -> bool:
     try:
         a, b = os.fstat(fd), os.stat(str(path))
     except OSError:
@@ -101,7 +101,7 @@ def live_holder(folder):
         return None
     if not doc:
         return {"host": "?", "pid": "?", "started": "?"}  # being written this very moment, or damaged
-    if doc.get("host") == socket.gethostname() and not pid_alive(_int(doc.get("pid"))):
+    if doc.get("host") == socket.gethostname() and not pid_alive(as_int(doc.get("pid"))):
         return None
     return doc
 
@@ -110,7 +110,7 @@ def in_use_message(folder, doc) -> str:
     return f"{folder} is in use by PID {doc.get('pid', '?')} on {doc.get('host', '?')} since {doc.get('started', '?')}"
 
 
-def _int(value) -> int:
+def as_int(value) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -182,12 +182,12 @@ class FolderLock:
         "its process is gone" means "nobody holds the flock" (the kernel drops it on any death, even kill -9),
         and two runs taking over one stale lock cannot both win. Elsewhere the pid is checked.
         """
-        locked = _try_flock(fd)
+        locked = try_flock(fd)
         if locked is False:  # a live training holds it (or grabbed our new file first)
             if created:
                 return False
             raise self._in_use(self._read_fd(fd) or {})
-        if not _same_file(fd, self.path):
+        if not same_file(fd, self.path):
             return False  # removed or replaced while we opened it
         if not created:
             doc = self._read_fd(fd)
@@ -200,7 +200,7 @@ class FolderLock:
                                      fix=f"If no training is running into this folder, delete {self.path} and start "
                                          "again.")
             if doc and (doc.get("host") != socket.gethostname() or
-                        (locked is None and _int(doc.get("pid")) != os.getpid() and pid_alive(_int(doc.get("pid"))))):
+                        (locked is None and as_int(doc.get("pid")) != os.getpid() and pid_alive(as_int(doc.get("pid"))))):
                 raise self._in_use(doc)
             notice = (f"notice: taking over the lock of {self.folder}: it was left by PID {doc.get('pid', '?')} "
                       f"(started {doc.get('started', '?')}), which is no longer running")
@@ -269,7 +269,7 @@ class FolderLock:
             fd, self._fd = self._fd, None
             if fcntl is not None:  # remove it while still holding it, so nobody can take it in between
                 with contextlib.suppress(OSError):
-                    if _same_file(fd, self.path):
+                    if same_file(fd, self.path):
                         os.unlink(self.path)
                 os.close(fd)
             else:  # Windows cannot remove an open file
