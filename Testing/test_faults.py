@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_TRAIN_ARGS, run_ltuda
+from ltuda.manifest import load_manifest
 
 
 def _events(text):
@@ -415,3 +416,38 @@ def test_a_model_json_that_cannot_be_written_keeps_the_old_weights(tiny_model, t
     assert {name: (model / name).read_bytes() for name in before} == before
     assert not list(model.glob("*.prev")) and not list(model.glob("*.tmp"))
     store.load_model(model)
+
+
+def test_predictions_into_a_full_disk_are_one_message_and_leave_nothing(tiny_model, tiny_dataset, small_disk):
+    image = load_manifest(tiny_dataset).split("test")[0].image
+    disk = small_disk(64 * 1024)
+    (disk / "filler").write_bytes(b"\0" * (60 * 1024))  # a few KB left: less than the labels need
+    result = run_ltuda("predict", "--model", tiny_model, "--input", image, "--output", disk / "ct.seg.nrrd",
+                       check=False)
+    assert result.returncode == 1, result.stderr
+    _no_traceback(result)
+    _check_full_disk_message(result.stderr.strip().splitlines()[-1].removeprefix("error: "), disk / "ct.seg.nrrd",
+                             "segmentation")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no half-written or temporary file
+
+
+def test_a_label_map_into_a_read_only_folder_is_named(tiny_model, tiny_dataset, small_disk, tmp_path):
+    image = load_manifest(tiny_dataset).split("test")[0].image
+    disk = small_disk(1024 * 1024)
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    result = run_ltuda("predict", "--model", tiny_model, "--input", image, "--output", tmp_path / "ct.seg.nrrd",
+                       "--label-map", disk / "ct.nii.gz", check=False)
+    assert result.returncode == 1
+    _no_traceback(result)
+    assert f"{disk / 'ct.nii.gz'}: could not write the label map: the folder is read-only." in result.stderr
+
+
+def test_phantoms_into_a_full_disk_are_one_message(small_disk):
+    disk = small_disk(256 * 1024)
+    result = run_ltuda("phantoms", "--out", disk / "data", "--cases-per-site", "2", "--test-cases", "1",
+                       "--size", "48", check=False)
+    assert result.returncode == 1, result.stderr
+    _no_traceback(result)
+    message = result.stderr.strip().splitlines()[-1]
+    assert "could not write the " in message and ": the disk is full (" in message and "Free space" in message
+    assert not [p for p in (disk / "data").rglob("*") if p.is_file() and p.stat().st_size == 0]

@@ -1,6 +1,7 @@
 """The one exception type users see: a message for a person, no traceback."""
 
 import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -68,3 +69,21 @@ def write_error(exc: OSError, path, what: str, needed=None, fix=None) -> LtudaEr
         reason = exc.strerror or str(exc)
         fix = "Check the disk and the folder, then run the command again."
     return LtudaError(f"could not write the {what}: {reason}.", path, fix_override or fix)
+
+
+def failed_write_cause(folder, needed=None):
+    """Why a library's write into `folder` failed when it did not say (SimpleITK raises a bare
+    RuntimeError): an OSError for a read-only folder or a disk with less than `needed` bytes free,
+    else None."""
+    folder = Path(folder)
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return OSError(errno.EROFS, os.strerror(errno.EROFS))
+    except (OSError, AttributeError):  # no statvfs on Windows
+        pass
+    if folder.is_dir() and not os.access(folder, os.W_OK):
+        return OSError(errno.EACCES, os.strerror(errno.EACCES))
+    free = free_bytes(folder)
+    if free is not None and needed is not None and free < needed:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .errors import LtudaError, ManifestProblems
+from .errors import LtudaError, ManifestProblems, write_error
 from .terminology import copy_classes
 
 SCHEMA = "ltuda-dataset"
@@ -241,6 +241,11 @@ def write_manifest(path, classes, cases, name: str = "") -> Path:
         "cases": [case_to_json(c, path.parent) for c in cases],
     }
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(doc, indent=2) + "\n"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(exc, path, "dataset manifest", len(text.encode())) from None
     return path

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import LtudaError
+from ..errors import LtudaError, failed_write_cause, write_error
 from ..manifest import Case, write_manifest
 from ..terminology import default_classes
 
@@ -753,8 +753,19 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: Path):
     image.SetSpacing(tuple(float(s) for s in geometry.spacing))
     image.SetOrigin(tuple(float(o) for o in geometry.origin))
     image.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # LPS, axial
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # SimpleITK's gzip writer may not notice a full disk: check the uncompressed size up front.
+        cause = failed_write_cause(path.parent, array.nbytes)
+        if cause is not None:
+            raise cause
+        sitk.WriteImage(image, str(path), True)
+    except (OSError, RuntimeError) as exc:
+        cause = exc if isinstance(exc, OSError) else failed_write_cause(path.parent, array.nbytes)
+        if cause is None:
+            raise
+        path.unlink(missing_ok=True)  # never a half-written phantom
+        raise write_error(cause, path, "phantom volume", array.nbytes) from None
 
 
 def case_phase(site: Site, index: int) -> str:

@@ -14,7 +14,7 @@ import nrrd
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import LtudaError
+from ..errors import DISK_FULL, READ_ONLY, LtudaError, failed_write_cause, write_error
 from ..terminology import terminology_entry_tag
 from .volumes import VOLUME_SUFFIXES
 
@@ -24,16 +24,35 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 @contextmanager
-def _atomic_path(path: Path, suffix: str):
+def _atomic_path(path: Path, suffix: str, what: str, needed: int, check_space: bool = False):
     """A temporary name in the target's folder (same file system) that replaces `path` on success.
 
-    Readers never see a half-written output, and a failed write leaves the old file alone.
+    Readers never see a half-written output, and a failed write leaves the old file alone. A full
+    disk or a read-only folder becomes one message naming `what` and `path` (`needed`: an upper
+    bound of the bytes to write). `check_space`: refuse up front when less than `needed` is free,
+    for writers that do not report a full disk (SimpleITK's gzip writers can leave a truncated file).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(exc, path, what) from None
+    if check_space:
+        cause = failed_write_cause(path.parent, needed)
+        if cause is not None:
+            raise write_error(cause, path, what, needed)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in DISK_FULL + READ_ONLY:
+            raise write_error(exc, path, what, needed) from None
+        raise
+    except RuntimeError:  # SimpleITK does not say why: find out
+        cause = failed_write_cause(path.parent, needed)
+        if cause is None:
+            raise
+        raise write_error(cause, path, what, needed) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -106,7 +125,7 @@ def write_seg_nrrd(path, labels, reference: sitk.Image, classes) -> Path:
             f"Segment{i}_Layer": "0",
             f"Segment{i}_Extent": _extent(labels == cls["value"]),
         })
-    with _atomic_path(path, ".seg.nrrd") as tmp:
+    with _atomic_path(path, ".seg.nrrd", "segmentation", labels.nbytes) as tmp:
         # Level 1: label maps compress almost as well as at 9, several times faster.
         nrrd.write(str(tmp), labels, header, index_order="C", compression_level=1)
     return path
@@ -123,10 +142,10 @@ def write_label_map(path, labels, reference: sitk.Image) -> Path:
     suffix = next((s for s in VOLUME_SUFFIXES if lower.endswith(s)), path.suffix)
     image = sitk.GetImageFromArray(_check_shape(labels, reference))
     image.CopyInformation(reference)
-    with _atomic_path(path, suffix) as tmp:
-        try:
+    try:
+        with _atomic_path(path, suffix, "label map", labels.nbytes, check_space=True) as tmp:
             sitk.WriteImage(image, str(tmp), useCompression=True)
-        except RuntimeError as exc:
-            raise LtudaError(f"cannot be written ({str(exc).strip().splitlines()[-1]})", path,
-                             "Use a .nrrd, .nii.gz or .mha file name in a writable folder.") from None
+    except RuntimeError as exc:  # neither a full disk nor a read-only folder
+        raise LtudaError(f"cannot be written ({str(exc).strip().splitlines()[-1]})", path,
+                         "Use a .nrrd, .nii.gz or .mha file name in a writable folder.") from None
     return path
