@@ -44,6 +44,8 @@ METHODS = {
     "cda": ("cda", "partial", {}),
     "ltuda": ("ltuda", "partial", {}),
     "oracle": ("ltuda", "partial", {"oracle_pseudo_labels": True}),
+    # the ceiling with the Dice term on pseudo-targets too: what the loss could take from perfect pseudo-labels
+    "oracle-pseudo-dice": ("ltuda", "partial", {"oracle_pseudo_labels": True, "pseudo_dice": True}),
     # lever rows: the fast recipe with one lever added
     "ltuda-gate": ("ltuda", "partial", {"pseudo_gate": 0.7, "pseudo_dice": True, "pseudo_rampup_epochs": 0}),
     "ltuda-reference-pbce": ("ltuda", "partial", {"pbce_scaling": "reference"}),
