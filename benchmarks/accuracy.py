@@ -378,6 +378,31 @@ def _fmt(value, digits=3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _quality_lines(methods: dict) -> list:
+    """Teacher pseudo-label precision / recall / Dice per organ, on the organs a case does not label, at
+    the end of stage 1 and at the end of training (mean over seeds)."""
+    lines = []
+    for key, r in methods.items():
+        runs = [q for q in r.get("pseudo_label_quality", []) if q]
+        if not runs:
+            continue
+        organs = list(runs[0][-1]["per_organ"])
+        lines += ["", f"Teacher pseudo-labels of `{key}` where they are used (precision / recall / Dice, mean over "
+                  f"{len(runs)} seed(s)):", "", "| when | " + " | ".join(organs) + " |", "|---|" + "---|" * len(organs)]
+        for label, pick in (("end of stage 1", lambda run: [d for d in run if d["stage"] == 1][-1:]),
+                            ("end of training", lambda run: run[-1:])):
+            picked = [p[0] for p in map(pick, runs) if p]
+            if not picked:
+                continue
+            cells = []
+            for organ in organs:
+                values = [[d["per_organ"].get(organ, {}).get(m, np.nan) for d in picked]
+                          for m in ("precision", "recall", "dice")]
+                cells.append(" / ".join(_fmt(_nanmean(v), 2) for v in values))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(results) -> str:
     lines = ["# Accuracy benchmark (partially labelled phantoms)", "",
              "Every method trains the same number of iterations with the same network and seeds. Dice is 3D on the "
@@ -406,6 +431,7 @@ def render_markdown(results) -> str:
                          + " ".join(f"{d:.3f} ({s})" for s, d in zip(r["seeds_done"], r["per_seed"]))
                          + " | " + " | ".join(f"{r['per_organ_dice'][o]:.3f}" for o in organs)
                          + f" | {_fmt(r['mean_hd95_mm'], 1)} | {r['iterations']} | {r['train_seconds']:.0f} |")
+        lines += _quality_lines(methods)
         for name, test in entry.get("paired_tests", {}).items():
             lines.append(f"\n{name.replace('_', ' ')}: mean gain {_fmt(test['mean_gain'])} over {test['seeds']} paired "
                          f"seeds, one-sided paired t-test p = {_fmt(test['p_one_sided'], 4)}")
@@ -434,10 +460,14 @@ def plot(results: dict, path: Path):
         return
     protocols = [(p, e) for p, e in results.get("protocols", {}).items() if e["methods"]]
     curves = list(results.get("learning_curve", {}).items())
-    panels = len(protocols) + len(curves)
+    diagnosed = [(p, e["methods"]["ltuda"]["pseudo_label_quality"]) for p, e in protocols
+                 if e["methods"].get("ltuda", {}).get("pseudo_label_quality")]
+    panels = len(protocols) + len(curves) + len(diagnosed)
     if not panels:
         return
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.8), squeeze=False)
+    for ax, (protocol, per_seed) in zip(axes[0][len(protocols) + len(curves):], diagnosed):
+        _plot_pseudo_label_quality(ax, protocol, [q for q in per_seed if q])
     for ax, (protocol, entry) in zip(axes[0], protocols):
         keys = list(entry["methods"])
         ax.bar(keys, [entry["methods"][k]["mean_dice"] for k in keys],
@@ -460,6 +490,26 @@ def plot(results: dict, path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_pseudo_label_quality(ax, protocol, per_seed):
+    """The teacher's pseudo-label Dice per organ (on the organs a case does not label) by epoch of LTUDA's
+    run, mean over seeds."""
+    steps = [(d["stage"], d["epoch"]) for d in per_seed[0]]
+    organs = list(per_seed[0][0]["per_organ"]) if per_seed[0] else []
+    xs = list(range(1, len(steps) + 1))
+    for organ in organs:
+        ys = [np.mean([run[i]["per_organ"].get(organ, {}).get("dice", np.nan) for run in per_seed if len(run) > i])
+              for i in range(len(steps))]
+        ax.plot(xs, ys, "o-", markersize=3, label=organ)
+    stage2 = next((i for i, (stage, _) in enumerate(steps, start=1) if stage == 2), None)
+    if stage2:
+        ax.axvline(stage2 - 0.5, color="#bbbbbb", linestyle="--")
+    ax.set_xlabel("epoch (stage 1, then stage 2)")
+    ax.set_ylabel("teacher pseudo-label Dice")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{protocol}: pseudo-labels where they are used")
+    ax.legend(fontsize=8)
 
 
 if __name__ == "__main__":
