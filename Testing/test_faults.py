@@ -451,3 +451,28 @@ def test_phantoms_into_a_full_disk_are_one_message(small_disk):
     message = result.stderr.strip().splitlines()[-1]
     assert "could not write the " in message and ": the disk is full (" in message and "Free space" in message
     assert not [p for p in (disk / "data").rglob("*") if p.is_file() and p.stat().st_size == 0]
+
+
+def test_a_cache_entry_written_by_another_process_meanwhile_is_kept(tiny_dataset, tmp_path, monkeypatch):
+    """Two trainings preparing the same case: the one that renames second keeps the first one's entry."""
+    import numpy as np
+    from ltuda.data import cache as cache_module
+    from ltuda.data.preprocess import Preprocessing
+    from ltuda.manifest import load_manifest
+
+    manifest = load_manifest(tiny_dataset)
+    case, prep = manifest.split("train")[0], Preprocessing((-325, 325), 32)
+    winner = cache_module.SliceCache(tmp_path / "winner").load(case, manifest.classes, prep)
+    real_replace = cache_module.os.replace
+
+    def other_process_wins(src, dst):  # the other process renames its entry between our check and rename
+        if not Path(dst).exists():
+            Path(dst).mkdir()
+            (Path(dst) / "other").write_text("x")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cache_module.os, "replace", other_process_wins)
+    loser = cache_module.SliceCache(tmp_path / "cache").load(case, manifest.classes, prep)
+    assert np.array_equal(np.array(loser.image), np.array(winner.image))
+    (entry,) = list((tmp_path / "cache").iterdir())
+    assert (entry / "other").exists()  # the winner's entry stays; no temporary folder is left

@@ -5,6 +5,7 @@ preprocessing settings, so an edited label or a new image size is never served s
 entry (truncated, overwritten) is detected by its recorded sizes, headers and CRC-32 and rebuilt.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -137,7 +138,12 @@ class SliceCache:
             if folder.exists():  # another process won the race; its entry is equivalent
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
-                os.replace(tmp, folder)
+                try:
+                    os.replace(tmp, folder)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not folder.is_dir():
+                        raise
+                    shutil.rmtree(tmp, ignore_errors=True)  # it won between the check and the rename
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise write_error(exc, exc.filename or folder, "preprocessing cache", fix=(
