@@ -240,17 +240,35 @@ def _worker_init():
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
-def run_tasks(tasks, jobs: int, on_result):
-    """tasks: (key, args for run_one); on_result(key, result) in the main process as each finishes."""
+def run_tasks(tasks, jobs: int, on_result) -> list:
+    """tasks: (key, args for run_one); on_result(key, result) in the main process as each finishes.
+
+    A run that fails is reported at once and the others go on, so one failure loses no other result;
+    returns the failed keys."""
+    failed = []
+
+    def report(key, exc):
+        failed.append(key)
+        print(f"FAILED {key}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
     if jobs <= 1:
         for key, args in tasks:
-            on_result(key, run_one(*args))
-        return
+            try:
+                result = run_one(*args)
+            except Exception as exc:  # noqa: BLE001 - one failed training must not end the benchmark
+                report(key, exc)
+                continue
+            on_result(key, result)
+        return failed
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
         futures = {pool.submit(run_one, *args): key for key, args in tasks}
         for future in concurrent.futures.as_completed(futures):
-            on_result(futures[future], future.result())
+            if future.exception() is not None:
+                report(futures[future], future.exception())
+            else:
+                on_result(futures[future], future.result())
+    return failed
 
 
 def main(argv=None):
@@ -368,10 +386,12 @@ def main(argv=None):
         (out / "accuracy.md").write_text(render_markdown(results))
         return results
 
-    run_tasks(tasks, args.jobs, record)
-    results = save(complete=True)
+    failed = run_tasks(tasks, args.jobs, record)
+    results = save(complete=not failed)
     plot(results, out / "accuracy.png")
     print(render_markdown(results))
+    if failed:
+        sys.exit(f"{len(failed)} run(s) failed (above); the others are saved")
 
 
 def _fmt(value, digits=3) -> str:
