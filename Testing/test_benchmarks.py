@@ -46,8 +46,21 @@ def test_accuracy_benchmark_learning_curve_and_settings(tmp_path):
     def epochs(factor, key):
         return json.loads((work / "toy" / factor / key / "seed43" / "model" / "model.json").read_text())["training"]["epochs"]
     # smoke schedule 1 + 2 epochs (the --set); x2 doubles both; labelled-only gets both stages' epochs
-    assert epochs("x1", "ltuda") == {"1": 1, "2": 2} and epochs("x1", "labeled-only") == {"0": 3}
+    # 1x is the main benchmark's folder: the same run, trained once
+    assert epochs("main", "ltuda") == {"1": 1, "2": 2} and epochs("main", "labeled-only") == {"0": 3}
     assert epochs("x2", "ltuda") == {"1": 2, "2": 4} and epochs("x2", "labeled-only") == {"0": 6}
+
+    # run again: finished runs with the same settings are scored again, not trained again
+    weights = sorted(work.glob("toy/*/*/seed43/model/model.pt"))
+    stamps = [w.stat().st_mtime_ns for w in weights]
+    again = _run(tmp_path, "--seeds", "1", "--learning-curve", "1,2", "--set", "epochs_stage2=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(weights) == 4 and [w.stat().st_mtime_ns for w in weights] == stamps
+    assert json.loads((tmp_path / "results" / "accuracy.json").read_text())["learning_curve"]["toy"]["2"] == curve["2"]
+    # a different setting is a different run: trained again
+    changed = _run(tmp_path, "--seeds", "1", "--learning-curve", "2", "--set", "epochs_stage2=1")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert weights[-1].stat().st_mtime_ns != stamps[-1] or weights[-2].stat().st_mtime_ns != stamps[-2]
 
 
 def test_accuracy_benchmark_rejects_unknown_methods_and_settings(tmp_path):

@@ -25,6 +25,7 @@ in --jobs worker processes of one thread each.
 import argparse
 import concurrent.futures
 import dataclasses
+import fcntl
 import json
 import multiprocessing
 import os
@@ -153,18 +154,34 @@ def run_one(manifest_path, method, seed, preset, settings, work: Path, cache: Pa
     config = make_config(preset, method=method, seed=seed, **settings)
     model_dir = work / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    outcome = Trainer(manifest, model_dir, config, SilentReporter(), cache_dir=cache).run()
-    if outcome["status"] != "completed":
-        raise RuntimeError(f"training stopped ({outcome['status']})")
-    train_seconds = time.time() - started
+    meta = finished_training(model_dir, config, manifest_path)
+    if meta is None:
+        outcome = Trainer(manifest, model_dir, config, SilentReporter(), cache_dir=cache).run()
+        if outcome["status"] != "completed":
+            raise RuntimeError(f"training stopped ({outcome['status']})")
+        meta = json.loads((model_dir / "model.json").read_text())
     result = score(model_dir, manifest, work, holdout)
-    result["train_seconds"] = round(train_seconds, 1)
-    meta = json.loads((model_dir / "model.json").read_text())
+    result["train_seconds"] = meta["training"]["seconds"]
     result["iterations"] = sum(meta["training"]["epochs"].values()) * meta["training"]["iterations_per_epoch"]
     if meta.get("pseudo_label_quality"):
         result["pseudo_label_quality"] = meta["pseudo_label_quality"]
     return result
+
+
+def finished_training(model_dir: Path, config, manifest_path) -> dict:
+    """model.json of a completed training in model_dir with exactly this config on this dataset, else None.
+
+    Lets a benchmark stopped part-way (or a learning curve spread over several sessions) go on where it was:
+    a finished run is scored again, not trained again."""
+    try:
+        meta = json.loads((model_dir / "model.json").read_text())
+        training = meta["training"]
+    except (OSError, ValueError, KeyError):
+        return None
+    same_config = training.get("config") == json.loads(json.dumps(config.to_json()))
+    same_data = Path(training.get("dataset", "")).resolve() == Path(manifest_path).resolve()
+    done = training.get("completed") and (model_dir / meta.get("weights", "model.pt")).is_file()
+    return meta if same_config and same_data and done else None
 
 
 def parse_setting(text: str) -> tuple:
@@ -318,12 +335,16 @@ def main(argv=None):
     points = factors or [None]
     runs = {(factor, key): {} for factor in points for key in requested}
     tasks = []
-    for seed in seeds:  # seeds outside, methods inside: a stopped run has every method on the same seeds
-        for factor in points:
+    # factors outside, then seeds, methods inside: a stopped run has every method on the same seeds, and the
+    # cheaper points of a learning curve finish first
+    for factor in points:
+        for seed in seeds:
             for key in requested:
                 schedule = scaled_schedule(args.preset, overrides, factor or 1)
                 method, variant, settings = method_settings(key, args.preset, schedule)
-                folder = work / args.protocol / (f"x{factor:g}" if factor else "main") / key / f"seed{seed}"
+                # 1x is the main benchmark's run with the same settings: one folder, so it is trained once
+                point = f"x{factor:g}" if factor and factor != 1 else "main"
+                folder = work / args.protocol / point / key / f"seed{seed}"
                 holdout = phantoms["holdout"] if args.site_gap else None
                 tasks.append(((factor, key, seed), (phantoms[variant], method, seed, args.preset, settings, folder,
                                                     work / "cache", holdout)))
@@ -336,7 +357,13 @@ def main(argv=None):
         save(complete=False)
 
     def save(complete: bool):
-        """Read the file again and replace only this run's part: benchmarks of other protocols may run too."""
+        """Read the file again and replace only this run's part: other benchmark invocations may run too, so
+        the read-modify-write holds a lock."""
+        with open(out / ".accuracy.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return save_locked(complete)
+
+    def save_locked(complete: bool):
         results = json.loads(results_path.read_text()) if results_path.is_file() else {}
         results.setdefault("protocols", {})
         results.setdefault("learning_curve", {})
