@@ -82,3 +82,20 @@ def test_accuracy_benchmark_measures_the_multi_site_gap(tmp_path):
     for organ, value in gap["per_organ"].items():
         assert abs(value - (gap["own_site"][organ] - gap["other_sites"][organ])) < 1e-9
     assert entry["site_gap_labeled_only"] == gap["gap"] and set(entry["methods"]) == {"labeled-only"}
+
+
+def test_a_setting_added_later_at_its_default_keeps_finished_runs(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import accuracy
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from ltuda.train.config import make_config
+
+    config = make_config("fast", method="ltuda", seed=43)
+    recorded = json.loads(json.dumps(config.to_json()))
+    del recorded["pseudo_gate"]  # a model.json written before the setting existed
+    assert accuracy._with_new_fields(recorded, config) == recorded
+    # set away from its default, the new setting makes it a different run
+    changed = make_config("fast", method="ltuda", seed=43, pseudo_gate=0.7)
+    assert accuracy._with_new_fields(recorded, changed) != recorded

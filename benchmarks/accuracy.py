@@ -178,10 +178,22 @@ def finished_training(model_dir: Path, config, manifest_path) -> dict:
         training = meta["training"]
     except (OSError, ValueError, KeyError):
         return None
-    same_config = training.get("config") == json.loads(json.dumps(config.to_json()))
+    same_config = training.get("config") == _with_new_fields(training.get("config"), config)
     same_data = Path(training.get("dataset", "")).resolve() == Path(manifest_path).resolve()
     done = training.get("completed") and (model_dir / meta.get("weights", "model.pt")).is_file()
     return meta if same_config and same_data and done else None
+
+
+def _with_new_fields(recorded, config) -> dict:
+    """config as JSON, where a setting added to TrainConfig after `recorded` was written, and left at its
+    default, takes the recorded (absent) form: a new option must not make every finished run look different."""
+    current = json.loads(json.dumps(config.to_json()))
+    if not isinstance(recorded, dict):
+        return current
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    defaults = json.loads(json.dumps(defaults, default=str))
+    return {k: v for k, v in current.items()
+            if k in recorded or k not in defaults or v != defaults[k]}
 
 
 def parse_setting(text: str) -> tuple:
