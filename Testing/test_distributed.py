@@ -15,17 +15,21 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import ddp_workers as W
 from conftest import TINY_TRAIN_ARGS, run_ltuda
+from ltuda.data.slices import SlicePool
+from ltuda.train.distributed import rank_seed, steps_per_epoch
 from ltuda.train.steps import StepContext
 
 HERE = Path(__file__).resolve().parent
-ENV = dict(os.environ, OMP_NUM_THREADS="1", LTUDA_DIST_TIMEOUT="120")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", LTUDA_DIST_TIMEOUT="300")
 
 
 def torchrun(*args, nproc=2):
@@ -35,6 +39,31 @@ def torchrun(*args, nproc=2):
 
 def _events(text):
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# ----- each rank's batches -----
+
+def test_each_rank_draws_its_own_batches_with_one_slice_of_every_site():
+    """4 single-organ sites; the pixel value says which site and slice a sample is."""
+    cases = []
+    for site in range(4):
+        labels = np.zeros((6, 8, 8), np.uint8)
+        labels[:, 2:5, 2:5] = site + 1
+        image = (10 * site + np.arange(6, dtype=np.float16))[:, None, None] * np.ones((1, 8, 8), np.float16)
+        cases.append(types.SimpleNamespace(image=image, labels=labels, labeled=[site + 1]))
+    pool = SlicePool(cases, 4)
+    generators = [torch.Generator().manual_seed(43), torch.Generator().manual_seed(rank_seed(43, 1, 0))]
+    drawn = [[], []]
+    for _ in range(8):
+        for rank, generator in enumerate(generators):
+            images, labels, labeled = pool.batch(4, generator)
+            ids = images[:, 0, 0, 0].round().long().tolist()
+            assert sorted(i // 10 for i in ids) == [0, 1, 2, 3]  # one slice of every site, on every rank
+            assert labeled.sum(dim=1).tolist() == [1, 1, 1, 1]
+            drawn[rank].append(ids)
+    assert drawn[0] != drawn[1]  # the ranks draw different slices
+    # an epoch of 40 batches is 20 steps of 2 ranks; a remainder is one more step
+    assert (steps_per_epoch(40, 1), steps_per_epoch(40, 2), steps_per_epoch(5, 2), steps_per_epoch(1, 4)) == (40, 20, 3, 1)
 
 
 # ----- one step of each stage: two ranks == one process with the whole batch -----
