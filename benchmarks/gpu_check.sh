@@ -141,7 +141,7 @@ say "python $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch"
 
 # ----- 2. speed -----
 if [ "$DRY" = 1 ]; then
-  run_step speed 300 env OMP_NUM_THREADS=1 "$PY" "$REPO/benchmarks/speed.py" --quick --device cpu --out "$OUT"
+  run_step speed 300 env OMP_NUM_THREADS=1 "$PY" "$REPO/benchmarks/speed.py" --quick --device cpu --sizes 40 --out "$OUT"
 else
   run_step speed 200 "$PY" "$REPO/benchmarks/speed.py" --device cuda --sizes 200 --out "$OUT"
 fi
@@ -149,19 +149,23 @@ fi
 # ----- 3. accuracy: LTUDA and labelled-only at once, as many iterations as fit -----
 LEFT=$(( BUDGET_S - $(elapsed) - 90 ))  # keep time for the DDP smoke run and the report
 ACC_BUDGET=$(( ACCURACY_S < LEFT ? ACCURACY_S : LEFT ))
-if [ "$DRY" = 1 ]; then
-  run_step accuracy 400 env OMP_NUM_THREADS=1 "$PY" "$REPO/benchmarks/accuracy.py" --protocol toy --preset fast \
-    --methods labeled-only,ltuda --seeds 1 --jobs 2 --smoke --out "$OUT" --work "$WORK/accuracy"
-elif [ "$ACC_BUDGET" -lt 60 ]; then
+PLAN=$("$PY" "$REPO/benchmarks/gpu_check_report.py" plan --speed "$OUT/speed.json" --seconds "$ACC_BUDGET")
+read -r EPOCHS ITERS <<< "$PLAN"
+PRESET=paper
+THREADS=4
+SMOKE=()
+if [ "$DRY" = 1 ]; then  # the same command at its smallest: fast preset, 32x32 slices, 2 iterations per epoch
+  PRESET=fast; THREADS=1; SMOKE=(--smoke); EPOCHS=1; ITERS=2; ACC_BUDGET=300
+fi
+if [ "$ACC_BUDGET" -lt 60 ]; then
   printf 'accuracy\tskipped\t0\t%s\n' "$ACC_BUDGET" >> "$STEPS"
   say "accuracy: skipped, only ${ACC_BUDGET}s left in the budget"
 else
-  PLAN=$("$PY" "$REPO/benchmarks/gpu_check_report.py" plan --speed "$OUT/speed.json" --seconds "$ACC_BUDGET")
-  say "accuracy plan for ${ACC_BUDGET}s: $PLAN"
-  read -r EPOCHS ITERS <<< "$PLAN"
-  run_step accuracy $(( ACC_BUDGET + 90 )) env OMP_NUM_THREADS=4 "$PY" "$REPO/benchmarks/accuracy.py" --protocol toy \
-    --preset paper --methods labeled-only,ltuda --seeds 1 --jobs 2 --set "epochs_stage1=$EPOCHS" \
-    --set "epochs_stage2=$EPOCHS" --set "iterations_per_epoch=$ITERS" --out "$OUT" --work "$WORK/accuracy"
+  say "accuracy plan for ${ACC_BUDGET}s: $EPOCHS epochs per stage of $ITERS iterations"
+  run_step accuracy $(( ACC_BUDGET + 90 )) env OMP_NUM_THREADS=$THREADS "$PY" "$REPO/benchmarks/accuracy.py" \
+    --protocol toy --preset $PRESET --methods labeled-only,ltuda --seeds 1 --jobs 2 ${SMOKE[@]+"${SMOKE[@]}"} \
+    --set "epochs_stage1=$EPOCHS" --set "epochs_stage2=$EPOCHS" --set "iterations_per_epoch=$ITERS" \
+    --out "$OUT" --work "$WORK/accuracy"
 fi
 
 # ----- 4. DDP smoke run: 2 processes -----
