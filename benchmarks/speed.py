@@ -1,6 +1,6 @@
 """Speed benchmark: training throughput against a reference-style step, and file-to-file inference.
 
-    python benchmarks/speed.py [--quick] [--out benchmarks/results]
+    python benchmarks/speed.py [--quick] [--out benchmarks/results] [--device all|cpu|cuda] [--sizes 200]
 
 Training: images per second of our LTUDA step and of a reference-style step (per-sample CPU
 augmentation, float32, one backbone pass per head), same network, batch and data, alternated in
@@ -56,7 +56,7 @@ def _autocast_for(device):
 
 
 def train_throughput(preset, stage, device, rounds, steps):
-    """(ours img/s, reference-style img/s), alternating short bursts of each."""
+    """(ours img/s, reference-style img/s, peak GPU GiB of ours or None), alternating short bursts of each."""
     config = make_config(preset)
     torch.manual_seed(0)
     net = LTUDANet(network_config(config, C)).to(device)
@@ -85,8 +85,11 @@ def train_throughput(preset, stage, device, rounds, steps):
         ref_opt.step()
 
     timings = {"ours": [], "reference": []}
-    for fn in (ours, reference):  # warm-up
-        fn()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ours()  # warm-up, and our step's peak memory
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    reference()
     for _ in range(rounds):
         for name, fn in (("ours", ours), ("reference", reference)):
             _sync(device)
@@ -96,7 +99,7 @@ def train_throughput(preset, stage, device, rounds, steps):
             _sync(device)
             timings[name].append((time.perf_counter() - start) / steps)
     per_step = {k: float(np.median(v)) for k, v in timings.items()}
-    return config.batch_size / per_step["ours"], config.batch_size / per_step["reference"]
+    return config.batch_size / per_step["ours"], config.batch_size / per_step["reference"], peak
 
 
 def _reference_on(device, config, net, teacher, cpu_batch, stage):
@@ -166,16 +169,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and one volume size (for tests)")
+    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
+                        help="all: the CPU, and the GPU when there is one; cuda: the GPU rows alone (gpu_check.sh)")
+    parser.add_argument("--sizes", default=None, metavar="N,N",
+                        help="slices of the 512x512 volumes to predict (default 100,200,400; 40 with --quick)")
     args = parser.parse_args()
     started = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: PyTorch sees no CUDA GPU (a CPU build of torch, or no driver)")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [d for d in devices if args.device in ("all", d.type)]
     rounds, steps = (1, 1) if args.quick else (3, 3)
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                            "torch": torch.__version__},
-               "command": "python benchmarks/speed.py" + (" --quick" if args.quick else "")}
+               "command": " ".join(["python benchmarks/speed.py", *sys.argv[1:]])}
     rows = []
     for device in devices:
         suffix = "gpu" if device.type == "cuda" else "cpu"
@@ -188,12 +198,14 @@ def main():
             for stage in (1, 2):
                 if device.type == "cpu" and preset == "paper" and stage == 2 and args.quick:
                     continue
-                ours, ref = train_throughput(preset, stage, device, rounds if preset == "fast" else 1,
-                                             steps if preset == "fast" else 1)
+                ours, ref, peak = train_throughput(preset, stage, device, rounds if preset == "fast" else 1,
+                                                   steps if preset == "fast" else 1)
                 key = f"{preset}_stage{stage}_{suffix}"
                 results[f"train_img_s_ours_{key}"] = round(ours, 2)
                 results[f"train_img_s_reference_{key}"] = round(ref, 2)
                 results[f"train_speedup_{key}"] = round(ours / ref, 2)
+                if peak is not None:
+                    results[f"train_peak_gpu_gb_{key}"] = round(peak, 2)
                 rows.append(f"| train {preset} stage {stage} | {suffix} | {ours:.1f} img/s | {ref:.1f} img/s | "
                             f"{ours / ref:.2f}x |")
                 print(rows[-1], flush=True)
@@ -202,6 +214,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sizes = (40,) if args.quick else (100, 200, 400)
+        if args.sizes:
+            sizes = tuple(int(n) for n in args.sizes.split(","))
         volumes = {n: ct_like_volume(tmp / f"ct_{n}.nii", n) for n in sizes}
         for device in devices:
             suffix = "gpu" if device.type == "cuda" else "cpu"

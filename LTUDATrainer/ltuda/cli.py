@@ -172,12 +172,16 @@ def cmd_train(args, report) -> int:
     manifest = load_manifest(args.dataset, allow_outside_paths=args.allow_outside_paths)
     if args.dry_run:
         return _dry_run(args, out)
+    from .train import distributed
+    group = distributed.join(args.device)  # None unless torchrun started several processes
+    if group is not None:
+        return _train_distributed(args, report, manifest, out, group)
     # The lock comes before anything touches the folder: --overwrite never deletes a folder in use.
     with FolderLock(out, report) as lock:
         return _train_locked(args, report, manifest, out, lock)
 
 
-def _train_locked(args, report, manifest, out, lock) -> int:
+def _train_locked(args, report, manifest, out, lock, group=None) -> int:
     from .train.config import TrainConfig
     from .train.trainer import CONFIG, Trainer, safe_json
 
@@ -187,12 +191,62 @@ def _train_locked(args, report, manifest, out, lock) -> int:
         config.device = args.device
     else:
         config = _config_from_args(args)
+    if group is not None:
+        group.broadcast_object(config.to_json())  # the other ranks train with rank 0's settings
     files = file_reporter(out / "progress.jsonl", out / "train.log")
     for notice in lock.notices:
         files.log(notice)
     run_report = TeeReporter(report, files)
-    result = Trainer(manifest, out, config, run_report, cache_dir=args.cache_dir, resume=args.resume).run()
+    result = Trainer(manifest, out, config, run_report, cache_dir=args.cache_dir, resume=args.resume,
+                     group=group).run()
+    if group is not None:
+        group.any(False)  # the other ranks exit after rank 0 saved (torchrun ends the job when one exits)
     run_report.emit("done", status=result["status"], model_dir=str(out), mean_dice=result["mean_dice"])
+    return 0 if result["status"] == "completed" else EXIT_STOPPED
+
+
+def _train_distributed(args, report, manifest, out, group) -> int:
+    """One rank of a torchrun job. Rank 0 trains as a single process does (lock, folder, progress
+    stream); the others are silent. A failure names the rank it started on."""
+    from .progress import SilentReporter
+
+    try:
+        if group.leader:
+            from .train.lock import FolderLock
+            with FolderLock(out, report) as lock:
+                code = _train_locked(args, report, manifest, out, lock, group)
+        else:
+            code = _train_follower(args, manifest, out, group, SilentReporter())
+    except LtudaError as exc:
+        cause = group.record_failure(str(exc), wait_s=0)
+        if not group.leader:  # silent on stdout (rank 0's stream); stderr names the rank
+            print(f"error: {cause}", file=sys.stderr, flush=True)
+            return 1
+        raise LtudaError(cause) from None
+    except Exception as exc:  # noqa: BLE001 - often a collective that broke because another rank is gone
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        cause = group.record_failure(f"unexpected {type(exc).__name__}: {detail}", wait_s=3)
+        if os.environ.get("LTUDA_DEBUG"):
+            traceback.print_exc()
+        if not group.leader:
+            print(f"error: {cause}", file=sys.stderr, flush=True)
+            return 1
+        raise LtudaError(f"the distributed training stopped: {cause}",
+                         fix="See that rank's message; fix it and continue with --resume (any number of processes).") \
+            from None
+    group.close()
+    return code
+
+
+def _train_follower(args, manifest, out, group, silent) -> int:
+    """Ranks other than 0: rank 0's settings, no lock, nothing written, nothing said."""
+    from .train.config import TrainConfig
+    from .train.trainer import Trainer
+
+    config = TrainConfig.from_json(group.broadcast_object(None))
+    config.device = args.device
+    result = Trainer(manifest, out, config, silent, cache_dir=args.cache_dir, resume=args.resume, group=group).run()
+    group.any(False)  # wait for rank 0's last save
     return 0 if result["status"] == "completed" else EXIT_STOPPED
 
 

@@ -31,12 +31,14 @@ def sinkhorn_assign(scores: torch.Tensor, classes: torch.Tensor, num_classes: in
 
 @torch.no_grad()
 def momentum_update(bank: torch.Tensor, embedding: torch.Tensor, classes: torch.Tensor, assignment: torch.Tensor,
-                    use: torch.Tensor, momentum: float = 0.999) -> torch.Tensor:
+                    use: torch.Tensor, momentum: float = 0.999, reduce=None) -> torch.Tensor:
     """New prototypes = L2-normalised assignment-weighted mean of the embeddings of `use` pixels.
 
     bank [K, M, D]; embedding [N, D]; classes [N]; assignment [N, M]; use [N] bool (pixels that may
     update this bank and that the classifier currently predicts correctly). Prototypes no pixel was
     assigned to keep their value. Returns the updated bank (re-normalised).
+    reduce: in distributed training, sums a tensor over all ranks (Group.sum_): the sums and masses of
+    every rank's pixels are combined before the momentum step, so all ranks' banks stay identical.
     """
     k, m, d = bank.shape
     weights = assignment.float() * use.float()[:, None]  # [N, M]
@@ -44,6 +46,9 @@ def momentum_update(bank: torch.Tensor, embedding: torch.Tensor, classes: torch.
     scatter = torch.zeros(embedding.shape[0], k * m, device=embedding.device).scatter_(1, columns, weights)
     summed = scatter.t() @ embedding.float()  # [K*M, D]
     mass = scatter.sum(dim=0)
+    if reduce is not None:  # one all-reduce for both
+        pooled = reduce(torch.cat([summed, mass[:, None]], dim=1))
+        summed, mass = pooled[:, :d], pooled[:, d]
     flat = bank.reshape(k * m, d).float()
     blended = F.normalize(momentum * flat + (1 - momentum) * F.normalize(summed, dim=1), dim=1)
     flat = torch.where((mass > 0)[:, None], blended, flat)

@@ -17,6 +17,7 @@ class OrganGate:
         self.threshold, self.momentum = float(threshold), float(momentum)
         self.overlap = torch.zeros(num_classes)
         self.total = torch.zeros(num_classes)
+        self.reduce = None  # distributed training: sums the batch counts over all ranks (distributed.py)
 
     @property
     def enabled(self) -> bool:
@@ -42,6 +43,10 @@ class OrganGate:
         overlap = (pred & truth).sum(dim=(0, 2, 3)).float().cpu()
         total = (pred.sum(dim=(0, 2, 3)) + truth.sum(dim=(0, 2, 3))).float().cpu()
         seen = labeled.any(dim=0).cpu()
+        if self.reduce is not None:  # every rank folds in the same, global-batch counts
+            n = len(overlap)
+            pooled = self.reduce(torch.cat([overlap, total, seen.float()]))
+            overlap, total, seen = pooled[:n], pooled[n:2 * n], pooled[2 * n:] > 0
         m = self.momentum
         self.overlap = torch.where(seen, m * self.overlap + (1 - m) * overlap, self.overlap)
         self.total = torch.where(seen, m * self.total + (1 - m) * total, self.total)

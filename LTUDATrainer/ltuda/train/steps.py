@@ -25,6 +25,7 @@ class StepContext:
         self.weak = WeakAugment(scale_range=config.scale_range, rotation_deg=config.rotation_deg)
         self.pseudo_weight = 1.0  # set by the trainer during the stage-1 ramp-up
         self.gate = OrganGate(num_classes, config.pseudo_gate)
+        self.reduce = None  # distributed training: sums bank statistics over all ranks (distributed.py)
 
     def seg_loss(self, logits, target, pseudo: bool = False):
         """pBCE, plus the configured partial Dice on ground-truth targets, and on pseudo-targets only
@@ -143,6 +144,7 @@ def _prototype_terms(ctx, student, out, target, gt_labels, certain) -> torch.Ten
     `certain` neither train the classifiers nor update the banks.
     """
     cfg, classes = ctx.config, ctx.num_classes + 1
+    network = getattr(student, "module", student)  # the banks of a DistributedDataParallel-wrapped student
     labeled_fg = gt_labels > 0
     eligible = {
         "proto-labeled": labeled_fg,
@@ -165,7 +167,8 @@ def _prototype_terms(ctx, student, out, target, gt_labels, certain) -> torch.Ten
                                        cfg.ppd_weight, valid=certain)
         with torch.no_grad():
             use = (correct & eligible[head] & certain).reshape(-1)
-            bank = getattr(student, bank_name)
-            bank.copy_(momentum_update(bank, pixels, flat_target, assignment, use, cfg.prototype_momentum))
-    student.prototypes_labeled[0].copy_(student.prototypes_unlabeled[0])
+            bank = getattr(network, bank_name)
+            bank.copy_(momentum_update(bank, pixels, flat_target, assignment, use, cfg.prototype_momentum,
+                                       reduce=ctx.reduce))
+    network.prototypes_labeled[0].copy_(network.prototypes_unlabeled[0])
     return total

@@ -22,6 +22,7 @@ from ..model.store import atomic_torch_save, atomic_write_json, safe_torch_load,
 from ..validation import validate
 from .config import STAGE_NAMES, TrainConfig
 from .diagnostics import pseudo_label_quality
+from .distributed import share_start, steps_per_epoch
 from .lock import STOP_NAME, stop_requested as stop_file_present
 from .steps import StepContext, ltuda_step, supervised_step
 
@@ -91,14 +92,19 @@ class StopRequested(Exception):
 
 
 class Trainer:
-    def __init__(self, manifest: Manifest, out_dir, config: TrainConfig, report, cache_dir=None, resume=False):
+    def __init__(self, manifest: Manifest, out_dir, config: TrainConfig, report, cache_dir=None, resume=False,
+                 group=None):
         self.manifest, self.out_dir, self.config, self.report = manifest, Path(out_dir), config, report
+        # torchrun with several processes: a distributed.Group; only its rank 0 (the leader) validates,
+        # reads and writes the model folder. None: one process, as always.
+        self.group = group
+        self.leader = group is None or group.leader
         self.classes = manifest.classes
         self.num_classes = len(self.classes)
         self.cache = SliceCache(cache_dir, notify=report.log)
         self.resume = resume
         self.stop_requested = False
-        self.device = pick_device(config.device)
+        self.device = group.device if group is not None else pick_device(config.device)
         self.prep = Preprocessing(tuple(config.hu_window), config.image_size)
         self.started = time.time()
 
@@ -248,17 +254,24 @@ class Trainer:
         self.best_student_dice = -1.0
         self.ctx = ctx = StepContext(cfg, self.num_classes, self.generator, self._autocast)
         start_stage, start_epoch, start_iter = 0, 0, 0
-        if self.resume:
+        if self.resume and self.leader:
             start_stage, start_epoch, start_iter = self._restore()
+        world = 1
+        if self.group is not None:  # rank 0's position, optimiser and gate; each rank its own random stream
+            self.group.attach(ctx)
+            start_stage, start_epoch, start_iter = share_start(self, (start_stage, start_epoch, start_iter))
+            world = self.group.world
         stages = list(cfg.stages)
-        iters = cfg.iterations_per_epoch
+        iters = steps_per_epoch(cfg.iterations_per_epoch, world)
+        start_iter = math.ceil(start_iter / world)  # checkpoints count batches: N ranks draw N per step
         total = sum(cfg.epochs(s) for s in stages) * iters
         done_before = sum(cfg.epochs(s) for s in stages[:start_stage]) * iters + start_epoch * iters + start_iter
         self.report.emit("start", command="train", method=cfg.method, preset=cfg.preset, device=self.device.type,
                          device_name=device_name(self.device), stages=stages,
                          epochs={str(s): cfg.epochs(s) for s in stages}, iterations_per_epoch=iters,
                          cases={"train": len(self.train_cases), "val": len(self.val_cases)},
-                         slices=len(self.pool), resumed=self.resume)
+                         slices=len(self.pool), resumed=self.resume,
+                         **({"processes": world} if self.group is not None else {}))
         previous = {sig: signal.signal(sig, self._handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         global_step, run_started, steps_this_run = done_before, time.time(), 0
         try:
@@ -267,6 +280,7 @@ class Trainer:
                 first_epoch = start_epoch if stage_index == start_stage else 0
                 if first_epoch == 0 and start_iter == 0 and stage_index > 0:
                     self._begin_stage()
+                net = self._for_stage(stage)
                 self.report.emit("stage", stage=stage, name=STAGE_NAMES[stage], epochs=cfg.epochs(stage))
                 for epoch in range(first_epoch, cfg.epochs(stage)):
                     lr = cfg.lr * (1 - epoch / cfg.epochs(stage)) ** cfg.poly_power
@@ -276,21 +290,24 @@ class Trainer:
                     losses, epoch_started = [], time.time()
                     first_iter = start_iter if (stage_index == start_stage and epoch == first_epoch) else 0
                     for iteration in range(first_iter, iters):
-                        if self._stop_now():
-                            self._save_last(stage_index, epoch, iteration)
+                        if self._stop_agreed():
+                            if self.leader:
+                                self._save_last(stage_index, epoch, iteration * world)
                             raise StopRequested()
                         batch = self.pool.batch(cfg.batch_size, self.generator)
                         ctx.pseudo_weight = pseudo_rampup(epoch + iteration / iters, cfg.pseudo_rampup_epochs)
                         if stage == 0:
-                            loss = supervised_step(ctx, self.student, batch)
+                            loss = supervised_step(ctx, net, batch)
                         else:
-                            loss = ltuda_step(ctx, self.student, self.teacher, batch, stage)
+                            loss = ltuda_step(ctx, net, self.teacher, batch, stage)
                         if not torch.isfinite(loss):
                             raise LtudaError(f"the loss became {loss.item()} at stage {stage}, epoch {epoch + 1}",
                                              fix="Lower --lr, or check the images for extreme values.")
                         self.optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         self.optimizer.step()
+                        if self.group is not None:
+                            self.group.average_buffers(self.student)  # BatchNorm statistics, as the weights
                         global_step += 1
                         steps_this_run += 1
                         self._ema_update(global_step)
@@ -300,11 +317,13 @@ class Trainer:
                     self.report.emit(
                         "epoch", stage=stage, epoch=epoch + 1, epochs=cfg.epochs(stage),
                         loss=float(np.mean(losses)) if losses else float("nan"), lr=lr,
-                        images_per_s=len(losses) * cfg.batch_size / max(seconds, 1e-9),
+                        images_per_s=len(losses) * cfg.batch_size * world / max(seconds, 1e-9),
                         eta_s=rate * (total - global_step), progress=global_step / total,
                         **self._gate_status(ctx, stage),
                     )
                     last_epoch = epoch + 1 == cfg.epochs(stage)
+                    if not self.leader:
+                        continue  # the other ranks wait for rank 0 at the next step's all-reduce
                     if (epoch + 1) % cfg.validate_every == 0 or last_epoch:
                         self._diagnose(stage, epoch + 1)
                         if self.val_prepared:
@@ -312,13 +331,30 @@ class Trainer:
                     self._save_last(stage_index, epoch + 1, 0)
                 start_epoch, start_iter = 0, 0
         except StopRequested:
-            self._finish(completed=False)
+            if self.leader:
+                self._finish(completed=False)
             return {"status": "cancelled", "mean_dice": self.best["mean_dice"]}
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        self._finish(completed=True)
+        if self.leader:
+            self._finish(completed=True)
         return {"status": "completed", "mean_dice": self.best["mean_dice"]}
+
+    def _stop_agreed(self) -> bool:
+        """A stop request; under torchrun, agreed by all ranks so that they stop at the same step."""
+        if self.group is None:
+            return self._stop_now()
+        return self.group.any(self._stop_now() if self.leader else self.stop_requested)
+
+    def _for_stage(self, stage):
+        """The network the steps train: the student, or under torchrun its DistributedDataParallel view,
+        after every rank took rank 0's student and teacher (a stage may start from rank 0's best student)."""
+        if self.group is None:
+            return self.student
+        self.group.broadcast_module(self.student)
+        self.group.broadcast_module(self.teacher)
+        return self.group.wrap(self.student, stage)
 
     def _gate_status(self, ctx, stage) -> dict:
         """The organ gate's running teacher Dice and which organs use pseudo-labels (LTUDA stages only)."""
