@@ -357,3 +357,84 @@ def test_prefill_review_and_export_through_the_real_ltuda_suggest(scene, logic, 
     assert first["organ"] in labeled[first["caseName"]] and len(labeled[first["caseName"]]) == 2
     other = [n for n in chosen if n != first["caseName"]][0]
     assert len(labeled[other]) == 1  # its proposals are unreviewed: still one organ
+
+
+# ----------------------------------------------------------------------------------- the panel
+from test_slicer_module import moduleFile, pumpProbe  # noqa: E402,F401  (the module with stand-ins for Qt)
+
+
+def test_panel_review_list_next_mark_reviewed_prefill_and_continue_training(scene, moduleFile, tmp_path):  # noqa: F811
+    import unittest
+
+    widget = moduleFile.LTUDASegmentationWidget()
+    widget.setup()
+    ui, logic, messages, loop = widget.ui, widget.logic, moduleFile.testMessages, widget.annotationLoop
+    logic.setOrgans(ORGANS)
+    for name, seed in (("caseA", 1), ("caseB", 2)):
+        caseWithProposals(scene, logic, tmp_path, name=name, seed=seed)
+        logic.addProposals(name, tmp_path / f"{name}.seg.nrrd")
+    logic.loadSuggestions(writeSuggestions(tmp_path, [row(1, "caseB", "kidney", 0.9), row(2, "caseA", "spleen", 0.5),
+                                                      row(3, "caseA", "kidney", 0.2)]))
+    widget.casesSection.refreshCases()  # the case table and the review list
+    assert ui.reviewTableWidget.setRowCount.call_args.args == (3,)
+    texts = [c.args[0] for c in sys.modules["qt"].QTableWidgetItem.call_args_list if c.args]
+    assert texts.count("proposed") == 4 and texts.count("to review") == 3  # case table cells, review list
+    assert logic.caseTable()[0]["organs"] == {"liver": "labelled", "spleen": "proposed", "kidney": "proposed"}
+    widget.updateButtonStates()
+    assert ui.reviewNextButton.enabled is True
+
+    # Next: the top row opens in the Segment Editor with its segment selected
+    editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+    loop.onReviewNext()
+    top = logic.reviewRows()[0]
+    editor.setSegmentationNode.assert_called_with(logic.cases[1].segmentationNode)
+    editor.setCurrentSegmentID.assert_called_with(top["segmentId"])
+    # a click on the third row opens that one; Mark reviewed acts on it
+    loop.onReviewRowClicked(2, 0)
+    editor.setCurrentSegmentID.assert_called_with(logic.reviewRows()[2]["segmentId"])
+    loop.onMarkReviewed()
+    assert [r["status"] for r in logic.reviewRows()] == ["proposed", "proposed", "reviewed"]
+    assert logic.caseTable()[0]["organs"]["kidney"] == "reviewed"
+    assert "is now a label" in ui.prefillStatusLabel.text
+
+    # pre-fill: no model -> disabled and says why; 'selected case only' without a selection -> a message
+    ui.modelComboBox.currentData = None
+    widget.updateButtonStates()
+    assert ui.prefillButton.enabled is False and "Train a model first" in ui.prefillButton.toolTip
+    model = fakeModel(tmp_path / "model")
+    ui.modelComboBox.currentData = str(model)
+    widget.updateButtonStates()
+    assert ui.prefillButton.enabled is True
+    widget._parameterNode.prefillSelectedOnly = True
+    loop._startPrefill()
+    assert "Select the case to pre-fill" in messages["error"][-1]
+    # ... with a selection it starts in the background; Cancel stops it while it exports
+    ui.casesTableWidget.currentRow.return_value = 0
+    widget._parameterNode.device = "cpu"
+    loop.onPrefill()
+    pumpProbe(widget)
+    job = logic.suggestionJob
+    assert job is not None and job.status == jobs.EXPORTING, messages["error"][-1:]
+    widget.updateButtonStates()
+    assert ui.cancelPrefillButton.enabled is True and ui.prefillButton.enabled is False
+    loop.onCancelPrefill()
+    assert job.status == jobs.CANCELLED and ui.prefillStatusLabel.text == job.message
+
+    # continue training: fine-tunes the selected model into a new folder (--init-from); spleen is
+    # labelled nowhere but in a proposal, so it needs a review first
+    widget.trainSection.onContinueTraining()
+    assert "No case labels 'spleen'" in messages["error"][-1] and logic.trainingJob is None
+    logic.markReviewed("caseA", "spleen")
+    widget.trainSection.onContinueTraining()
+    train = logic.trainingJob
+    try:
+        assert train is not None, messages["error"][-1:]
+        args = runUntilStarted(train)
+        assert args[args.index("--init-from") + 1] == str(model) and train.modelDir != str(model)
+    finally:
+        logic.stopAll()
+
+    # the in-Slicer self-test's annotation-loop step
+    result = unittest.TextTestRunner(verbosity=0).run(moduleFile.LTUDASegmentationTest("test_AnnotationLoop"))
+    assert result.wasSuccessful(), [str(e[1]) for e in result.errors + result.failures]
+    widget.cleanup()
