@@ -283,6 +283,14 @@ def test_continue_training_passes_init_from_to_the_train_command(scene, logic, t
     assert args[1:4] == ["-m", "ltuda", "train"]
     assert args[args.index("--init-from") + 1] == str(parent)
     assert args[args.index("--out") + 1] == str(tmp_path / "child")
+    # the registry shows a fine-tuned model's lineage (written by the backend into model.json)
+    from LTUDASegmentationLib.models import readModel
+
+    doc = json.loads((parent / "model.json").read_text())
+    doc["lineage"] = {"parent": "/models/first", "parent_sha256": "ab" * 32,
+                      "labels_added": [{"case": "a", "organ": "kidney"}]}
+    (parent / "model.json").write_text(json.dumps(doc))
+    assert "Fine-tuned from /models/first with 1 label(s) added" in readModel(parent).summary()
     # the parent is never the output; a folder that is no model is refused with its reason
     with pytest.raises(LTUDAError, match="Continue training writes a new model"):
         logic.train(str(parent), initFrom=str(parent), checkBackend=False, overwrite=True)
@@ -321,6 +329,18 @@ def test_suggest_exports_the_cases_and_runs_ltuda_suggest_on_the_chosen_ones(sce
     logic.addCase(*synthetic.addSyntheticCase(scene, "bare", ORGANS, [], seed=4))
     with pytest.raises(LTUDAError, match="at least one training case that labels an organ"):
         logic.suggest(model=str(model), checkBackend=False)
+
+
+def test_suggest_progress_stream_is_read_like_predict():
+    from LTUDASegmentationLib.progress import ProgressState
+
+    state = ProgressState()
+    state.feed('{"event": "start", "command": "suggest", "cases": 4, "device": "cpu"}')
+    state.feed('{"event": "progress", "fraction": 0.5, "case": "a.nrrd", "case_id": "a", "stage": "segmenting"}')
+    assert state.fraction() == 0.5 and state.statusText() == "Proposing missing organs (segmenting): 50%"
+    state.feed('{"event": "case", "index": 3, "cases": 4, "input": "c.nrrd", "case_id": "c", "output": "c.seg.nrrd"}')
+    state.feed('{"event": "done", "status": "completed", "rows": 7}')
+    assert state.fraction() == 1.0 and state.casesDone == 3 and state.outputs == ["c.seg.nrrd"]
 
 
 # ------------------------------------------------------------------ end to end with the real backend

@@ -241,8 +241,9 @@ class LTUDALogicCore:
         return statuses
 
     def caseTable(self):
-        """One row per case: {"name", "volume", "segmentation", "organs": {organ: 'labelled'|'empty'|
-        'missing'}, "unmatched": [segment names], "problems": [sentences], "kind": 'scene'|'files'}."""
+        """One row per case: {"name", "volume", "segmentation", "organs": {organ: 'labelled'|'reviewed'|
+        'proposed'|'empty'|'missing'}, "unmatched": [segment names], "problems": [sentences], "kind":
+        'scene'|'files'}. 'reviewed' (a checked model proposal) is a label; 'proposed' is not."""
         rows = []
         for status in self.caseStatuses():
             case = status.case
