@@ -42,6 +42,7 @@ from LTUDASegmentationLib.errors import LTUDAError
 from LTUDASegmentationLib.logic import DEVICES, PRESETS, LTUDALogicCore
 from LTUDASegmentationLib.models import HEADS
 from LTUDASegmentationLib.settings import QtSettings
+from LTUDASegmentationWidgets.annotationloop import AnnotationLoop
 from LTUDASegmentationWidgets.casessection import CasesSection
 from LTUDASegmentationWidgets.organssection import OrgansSection
 from LTUDASegmentationWidgets.panel import Panel
@@ -64,6 +65,11 @@ external Python path is checked when you press Enter or leave the field; a probl
 <li><b>Training cases</b>: add volumes with their segmentations, or import a folder of image/label files. A segment
 counts when it matches an organ (standard terminology, else name) and is not empty. <i>Add missing labels</i>
 adds empty segments for the organs a case lacks and opens the Segment Editor.</li>
+<li><b>Annotation loop</b> (in Training cases): <i>Pre-fill missing organs</i> runs a trained model on the cases and
+adds its proposal for each organ a case lacks as a new segment "ORGAN (proposed)" (your segments are never changed).
+<i>Next</i> opens the most useful proposal to check in the Segment Editor; correct it, then <i>Mark reviewed</i>.
+Unreviewed proposals are never used as training labels. <i>Continue training</i> fine-tunes the model on the
+enlarged label set.</li>
 <li><b>Train</b>: runs in a separate process; Slicer stays usable. The cases are exported in the background first
 (Cancel works there too and leaves no files). Cancel keeps the last checkpoint.</li>
 <li><b>Segment</b>: pick a model and a volume; the result is a new segmentation, one segment per organ (its 3D
@@ -129,6 +135,7 @@ class LTUDASegmentationParameterNode:
     epochsStage2: Annotated[int, WithinRange(0, 10000)] = 0
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     ignoreUnmatched: bool = False
+    prefillSelectedOnly: bool = False
     keepWorkFiles: bool = False
     inputVolume: vtkMRMLScalarVolumeNode
     head: Annotated[str, Choice(list(HEADS))] = "auto"
@@ -172,8 +179,10 @@ class LTUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.segmentSection = SegmentSection(self.panel, self.setupSection)
         self.trainSection = TrainSection(self.panel, self.setupSection,
                                          onModelsChanged=self.segmentSection.refreshModels)
-        self.sections = [self.setupSection, self.organsSection, self.casesSection, self.trainSection,
-                         self.segmentSection]
+        self.annotationLoop = AnnotationLoop(self.panel, self.setupSection, self.casesSection)
+        self.casesSection.onRefreshed = self.annotationLoop.refreshReviewList
+        self.sections = [self.setupSection, self.organsSection, self.casesSection, self.annotationLoop,
+                         self.trainSection, self.segmentSection]
         for section in self.sections:
             section.setup()
 
@@ -374,6 +383,8 @@ class LTUDASegmentationTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_CasesAndExport()
         self.setUp()
+        self.test_AnnotationLoop()
+        self.setUp()
         self.test_TrainAndSegment()
 
     def _logic(self, tempDir):
@@ -426,6 +437,65 @@ class LTUDASegmentationTest(ScriptedLoadableModuleTest):
         else:
             self.assertTrue(ok, text)
         self.delayDisplay("Cases and export passed")
+
+    def test_AnnotationLoop(self):
+        """Proposals added next to the user's segments, the review order, Mark reviewed, and the export
+        counting only reviewed proposals as labels (no backend needed: the proposal file is made here)."""
+        import json
+
+        from LTUDASegmentationLib import synthetic
+        from LTUDASegmentationLib.organs import organClass
+        from LTUDASegmentationLib.proposals import PROPOSED, STATUS_TAG
+        from LTUDASegmentationLib.segments import addSegmentForOrgan, labelArrayOnVolume, setSegmentFromMask
+
+        self.delayDisplay("Annotation loop: proposals, review list, Mark reviewed, export")
+        tempDir = slicer.util.tempDirectory("LTUDASelfTest")
+        os.makedirs(tempDir, exist_ok=True)
+
+        def exportedFirstCase(folder):
+            with open(logic.exportTrainingData(os.path.join(tempDir, folder)), encoding="utf-8") as f:
+                return json.load(f)["cases"][0]
+        logic = self._logic(tempDir)
+        logic.setOrgans(["liver", "spleen"])
+        volume, segmentation = synthetic.addSyntheticCase(slicer.mrmlScene, "loopA", ["liver", "spleen"], ["liver"],
+                                                          seed=5)
+        other = synthetic.addSyntheticCase(slicer.mrmlScene, "loopB", ["liver", "spleen"], ["spleen"], seed=6)
+        logic.addCase(volume, segmentation)
+        logic.addCase(*other)
+        liverId = segmentation.GetSegmentation().GetNthSegmentID(0)
+        liverBefore = labelArrayOnVolume(volume, segmentation, {liverId: 1}).tobytes()
+        # a proposal file as `ltuda suggest` writes it: a tagged segment on the volume's grid
+        spleenMask = synthetic.organMasks((12, 40, 40), ["liver", "spleen"], 5)["spleen"]
+        proposal = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "proposal")
+        segmentId = addSegmentForOrgan(proposal, organClass("spleen", 2))
+        matrix = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(matrix)
+        setSegmentFromMask(proposal, segmentId, spleenMask, matrix)
+        proposal.GetSegmentation().GetSegment(segmentId).SetTag(STATUS_TAG, PROPOSED)
+        path = os.path.join(tempDir, "loopA.seg.nrrd")
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(path)
+        self.assertTrue(storage.WriteData(proposal))
+        slicer.mrmlScene.RemoveNode(proposal)
+
+        added = logic.addProposals(0, path)
+        self.assertEqual([organ for organ, _id in added], ["spleen"])
+        self.assertEqual(labelArrayOnVolume(volume, segmentation, {liverId: 1}).tobytes(), liverBefore)
+        self.assertEqual(logic.caseTable()[0]["organs"], {"liver": "labelled", "spleen": "proposed"})
+        with open(os.path.join(tempDir, "suggestions.json"), "w") as f:
+            json.dump({"schema": "ltuda-suggestions/1", "rows": [
+                {"rank": 1, "case": "loopA", "organ": "spleen", "volume_ml": 1.0, "score": 0.5}]}, f)
+        logic.loadSuggestions(tempDir)
+        nextRow = logic.reviewNext()
+        self.assertEqual((nextRow["caseName"], nextRow["organ"], nextRow["segmentId"]), ("loopA", "spleen", added[0][1]))
+        entry = exportedFirstCase("before")
+        self.assertEqual(entry["labeled"], ["liver"])  # an unreviewed proposal is not a label
+        logic.markReviewed("loopA", "spleen")
+        self.assertIsNone(logic.reviewNext())
+        self.assertEqual(logic.caseTable()[0]["organs"], {"liver": "labelled", "spleen": "reviewed"})
+        entry = exportedFirstCase("after")
+        self.assertEqual(entry["labeled"], ["liver", "spleen"])
+        self.delayDisplay("Annotation loop passed")
 
     def test_TrainAndSegment(self):
         from LTUDASegmentationLib import synthetic

@@ -5,6 +5,10 @@ label map with a label value -> organ map, how LiTS, KiTS and MSD ship). An orga
 labelled in a scene case when a segment matches it (terminology first, then name) and is not
 empty; in a file case when the value map names it (the backend checks the voxels when training).
 Partially labelled: organs a case does not label are unknown there, not background.
+
+Annotation loop (proposals.py): a segment tagged LTUDA.status=proposed is the model's unchecked
+proposal and never a label (the organ is PROPOSED, exported as not labelled); one tagged
+reviewed is a label (REVIEWED), like a segment the user drew (LABELLED).
 """
 
 import os
@@ -14,8 +18,16 @@ from .errors import LTUDAError
 from .organs import matchOrgan
 
 LABELLED = "labelled"
+REVIEWED = "reviewed"  # a model proposal the user checked: a label like LABELLED
+PROPOSED = "proposed"  # only an unchecked model proposal: NOT a label
 EMPTY = "empty"
 MISSING = "missing"
+LABEL_STATES = (LABELLED, REVIEWED)
+
+
+def isLabel(state):
+    """True for the organ states that are training labels (drawn or reviewed)."""
+    return state in LABEL_STATES
 
 
 class Case:
@@ -70,19 +82,26 @@ class Case:
 
 
 class CaseStatus:
-    """What a case labels: organStatus {organ name: LABELLED|EMPTY|MISSING}, segmentOrgans
-    {segment id: organ name} for matched segments, unmatched segment names, problems (sentences)."""
+    """What a case labels: organStatus {organ name: LABELLED|REVIEWED|PROPOSED|EMPTY|MISSING},
+    segmentOrgans {segment id: organ name} for matched segments that may be labels (drawn or
+    reviewed), proposedSegments {segment id: organ name} for unchecked proposals (never exported as
+    labels), unmatched segment names, problems (sentences)."""
 
     def __init__(self, case):
         self.case = case
         self.organStatus = {}
         self.segmentOrgans = {}
+        self.proposedSegments = {}
         self.unmatched = []
         self.problems = []
 
     @property
     def labelled(self):
-        return [name for name, status in self.organStatus.items() if status == LABELLED]
+        return [name for name, status in self.organStatus.items() if isLabel(status)]
+
+    @property
+    def proposed(self):
+        return [name for name, status in self.organStatus.items() if status == PROPOSED]
 
     @property
     def missing(self):
@@ -90,7 +109,7 @@ class CaseStatus:
 
     @property
     def notLabelled(self):
-        return [name for name, status in self.organStatus.items() if status != LABELLED]
+        return [name for name, status in self.organStatus.items() if not isLabel(status)]
 
 
 def fileStem(path):
@@ -148,6 +167,7 @@ def scanSignature(case, organs):
 
 
 def _scanSceneCase(case, organs, status, checkGeometry):
+    from .proposals import PROPOSED as PROPOSED_TAG, REVIEWED as REVIEWED_TAG, organNameOfSegment, proposalStatus
     from .segments import geometryProblem, listSegments, segmentVoxelCount
 
     if case.segmentationNode is None:
@@ -155,17 +175,30 @@ def _scanSceneCase(case, organs, status, checkGeometry):
             f"The volume '{case.volumeNode.GetName()}' has no segmentation: pick the segmentation that labels it "
             "(or create one and use 'Add missing labels').")
         return
-    counts = {}
+    counts, reviewed, proposed = {}, set(), set()
+    segmentation = case.segmentationNode.GetSegmentation()
     for segmentId, segmentName, tag, _color in listSegments(case.segmentationNode):
-        organ = matchOrgan(organs, segmentName, tag)
+        organ = matchOrgan(organs, organNameOfSegment(segmentName), tag)
         if organ is None:
             status.unmatched.append(segmentName)
             continue
-        status.segmentOrgans[segmentId] = organ["name"]
         count = segmentVoxelCount(case.segmentationNode, segmentId)
+        state = proposalStatus(segmentation.GetSegment(segmentId))
+        if state == PROPOSED_TAG:  # the model's unchecked output: never a label
+            status.proposedSegments[segmentId] = organ["name"]
+            if count != 0:
+                proposed.add(organ["name"])
+            counts.setdefault(organ["name"], [])
+            continue
+        status.segmentOrgans[segmentId] = organ["name"]
+        if state == REVIEWED_TAG and count != 0:
+            reviewed.add(organ["name"])
         counts.setdefault(organ["name"], []).append(count)
     for name, values in counts.items():
-        status.organStatus[name] = LABELLED if any(v != 0 for v in values) else EMPTY
+        if any(v != 0 for v in values):
+            status.organStatus[name] = REVIEWED if name in reviewed else LABELLED
+        else:
+            status.organStatus[name] = PROPOSED if name in proposed else EMPTY
     if checkGeometry and case.volumeNode.GetImageData() is not None:
         problem = geometryProblem(case.volumeNode, case.segmentationNode)
         if problem:

@@ -3,6 +3,8 @@
 Scene cases: the volume as uncompressed NRRD (images/<id>.nrrd) and the labelled organs as one
 label map of class values on the volume's grid (labels/<id>.nrrd), only the segments that match an
 organ and are not empty. File cases are referenced where they are (no copy of large datasets).
+A segment tagged LTUDA.status=proposed (a model proposal nobody checked) is never exported as a
+label: its organ is written as not labelled for that case (proposals.py).
 The user's nodes are only read. TrainingExport does it in steps: VTK/MRML reads one case at a time
 on the scene's thread, a worker thread writes the files (numpy and zlib only).
 """
@@ -10,7 +12,7 @@ on the scene's thread, a worker thread writes the files (numpy and zlib only).
 import os
 import shutil
 
-from .cases import LABELLED, requireUsable, scanCase, uniqueCaseIds
+from .cases import isLabel, requireUsable, scanCase, uniqueCaseIds
 from .errors import LTUDAError
 from .manifest import caseEntry, isInside, manifestDocument, writeManifest
 from .organs import BACKGROUND
@@ -86,14 +88,17 @@ class TrainingExport:
     file this export wrote. The user's nodes are only read."""
 
     def __init__(self, cases, organs, workDir, name="slicer-cases", ignoreUnmatched=False, freeSpaceCheck=None,
-                 maxPending=2, statuses=None):
-        """statuses: the cases' CaseStatus when the caller has them (the logic caches its scans)."""
+                 maxPending=2, statuses=None, requireLabels=True):
+        """statuses: the cases' CaseStatus when the caller has them (the logic caches its scans).
+        requireLabels=False (the export for `ltuda suggest`): only the cases' own problems (geometry,
+        missing files) stop the export; an organ labelled nowhere or an unmatched segment does not."""
         self.cases = list(cases)
         self._given = statuses
         self.organs = organs
         self.workDir = os.path.abspath(str(workDir))
         self.name = name
         self.ignoreUnmatched = ignoreUnmatched
+        self.requireLabels = requireLabels
         self.freeSpaceCheck = freeSpaceCheck or checkFreeSpace
         self.maxPending = maxPending
         self.result = None
@@ -124,7 +129,12 @@ class TrainingExport:
         usable = given is not None and len(given) == len(self.cases) and all(
             st.case is c for st, c in zip(given, self.cases))
         self._statuses = list(given) if usable else [scanCase(c, self.organs) for c in self.cases]
-        requireUsable(self._statuses, self.organs, ignoreUnmatched=self.ignoreUnmatched)
+        if self.requireLabels:
+            requireUsable(self._statuses, self.organs, ignoreUnmatched=self.ignoreUnmatched)
+        else:
+            problems = [f"Case '{st.case.name}': {p}" for st in self._statuses for p in st.problems]
+            if problems:
+                raise LTUDAError("The cases cannot be exported:\n- " + "\n- ".join(problems))
         self.freeSpaceCheck(self.workDir, estimateExportBytes(self.cases))
         os.makedirs(os.path.join(self.workDir, "images"), exist_ok=True)
         os.makedirs(os.path.join(self.workDir, "labels"), exist_ok=True)
@@ -281,7 +291,7 @@ def _readSceneCase(caseId, status, valueOf, workDir):
     ijkToRas = volumeIjkToRas(case.volumeNode)
     image = _voxelCopy(case.volumeNode)
     files = [(imagePath, image, ijkToRas, False) if image is not None else (imagePath, None, case.volumeNode, False)]
-    labelled = [n for n in valueOf if status.organStatus.get(n) == LABELLED]
+    labelled = [n for n in valueOf if isLabel(status.organStatus.get(n))]  # never an unchecked proposal
     if not labelled:
         return caseEntry(caseId, imagePath, None, {}, [], workDir), files
     segmentValues = {}

@@ -444,6 +444,51 @@ class PredictionJob(BackendJob):
         return f"Segmented '{self.volumeNode.GetName()}' in {_duration(self.elapsedSeconds())}: created '{name}'."
 
 
+class SuggestionJob(BackendJob):
+    """`ltuda suggest` for the annotation loop: export (preparation), the command, then the proposals
+    are added to the cases' segmentations one case per process() call. Cancel sends SIGTERM (the
+    backend stops after the case it is on and exits 130), then kills after `cancelGrace` s."""
+
+    kind = "suggestion"
+    cancelGrace = 10.0
+
+    def __init__(self, runner, outFolder, workDir=None, **kwargs):
+        kwargs.setdefault("title", "Pre-fill")
+        super().__init__(runner, **kwargs)
+        self.outFolder = outFolder
+        self.workDir = workDir
+        self.suggestions = None  # the review list (suggestions.read) once the command succeeded
+        self.proposalImport = None
+
+    @property
+    def added(self):
+        return self.proposalImport.added if self.proposalImport is not None else []
+
+    @property
+    def skipped(self):
+        return self.proposalImport.skipped if self.proposalImport is not None else []
+
+    def _preparationEnded(self):
+        if self.workDir:
+            import shutil
+
+            shutil.rmtree(self.workDir, ignore_errors=True)
+
+    def _cancelledDuringPreparationMessage(self):
+        return "Pre-fill cancelled while exporting the cases: nothing was proposed."
+
+    def _cancelledMessage(self):
+        return "Pre-fill cancelled: no proposal was added."
+
+    def _completedMessage(self):
+        cases = len({name for name, _organ, _id in self.added})
+        text = (f"Pre-fill completed in {_duration(self.elapsedSeconds())}: {len(self.added)} proposal(s) added to "
+                f"{cases} case(s).")
+        if self.added:
+            text += " Review them with 'Next', then 'Mark reviewed'."
+        return text
+
+
 def _duration(seconds):
     from .progress import formatSeconds
 

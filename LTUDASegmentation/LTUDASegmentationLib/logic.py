@@ -12,7 +12,7 @@ import shutil
 
 from . import jobs as jobsModule
 from .backend import Backend
-from .cases import Case, requireUsable, scanCase, scanSignature, summarize
+from .cases import Case, requireUsable, scanCase, scanSignature, summarize, uniqueCaseIds
 from .errors import LTUDAError
 from .export import TrainingExport, exportTrainingData
 from .folders import findImageLabelPairs, parseValueMap
@@ -44,6 +44,8 @@ class LTUDALogicCore:
     logic.addCase(volumeNode, segmentationNode); logic.caseTable(); logic.labelSummary()
     job = logic.train(modelFolder, preset="fast"); job.status, job.progress, job.cancel(), job.wait()
     logic.models(); segNode = logic.predict(volumeNode, model).segmentationNode
+    Annotation loop: job = logic.suggest(model); row = logic.reviewNext(); logic.markReviewed(case, organ);
+    logic.train(initFrom=model) fine-tunes the model on the enlarged label set.
     """
 
     def __init__(self, scene=None, settings=None, startupEnvironment=None):
@@ -55,6 +57,9 @@ class LTUDALogicCore:
         self.registry = ModelRegistry(self.settings)
         self.trainingJob = None
         self.predictionJob = None
+        self.suggestionJob = None
+        self.suggestions = None  # the review list (suggestions.readSuggestions) of the last pre-fill
+        self._suggestionCases = {}  # case id in that list -> Case
         self.lastProbe = None
         self._plotNodes = None
         self._scanCache = {}  # id(case) -> (scanSignature, CaseStatus)
@@ -236,8 +241,9 @@ class LTUDALogicCore:
         return statuses
 
     def caseTable(self):
-        """One row per case: {"name", "volume", "segmentation", "organs": {organ: 'labelled'|'empty'|
-        'missing'}, "unmatched": [segment names], "problems": [sentences], "kind": 'scene'|'files'}."""
+        """One row per case: {"name", "volume", "segmentation", "organs": {organ: 'labelled'|'reviewed'|
+        'proposed'|'empty'|'missing'}, "unmatched": [segment names], "problems": [sentences], "kind":
+        'scene'|'files'}. 'reviewed' (a checked model proposal) is a label; 'proposed' is not."""
         rows = []
         for status in self.caseStatuses():
             case = status.case
@@ -353,9 +359,12 @@ class LTUDALogicCore:
 
     def train(self, modelFolder=None, preset="fast", epochsStage1=None, epochsStage2=None, device="auto",
               waitForCompletion=False, ignoreUnmatched=False, resume=False, overwrite=False, keepWorkFiles=False,
-              extraArgs=None, checkBackend=True, onUpdate=None, onLog=None, onFinished=None):
+              extraArgs=None, checkBackend=True, onUpdate=None, onLog=None, onFinished=None, initFrom=None):
         """Export the cases and start `ltuda train` in a subprocess; returns a TrainingJob (status,
-        progress, cancel(), wait()). With waitForCompletion, blocks and raises LTUDAError on failure."""
+        progress, cancel(), wait()). With waitForCompletion, blocks and raises LTUDAError on failure.
+        initFrom (a model folder or ModelInfo): "Continue training", i.e. fine-tune that model on the
+        current labels (`--init-from`, a shorter schedule by default) into a NEW model folder; the
+        new model.json records its parent and the labels added (lineage)."""
         if self.trainingJob is not None and not self.trainingJob.finished:
             raise LTUDAError("A training is already running: wait for it or cancel it first.")
         if preset not in PRESETS:
@@ -363,6 +372,12 @@ class LTUDALogicCore:
         if device not in DEVICES:
             raise LTUDAError(f"Unknown device '{device}': choose one of {', '.join(DEVICES)}.")
         modelFolder = os.path.abspath(str(modelFolder or self.defaultModelFolder()))
+        parent = None
+        if initFrom is not None:
+            parent = initFrom if isinstance(initFrom, ModelInfo) else readModel(initFrom)
+            if os.path.normcase(parent.path) == os.path.normcase(modelFolder):
+                raise LTUDAError(f"Continue training writes a new model: choose another model folder than the parent "
+                                 f"{parent.path} (the parent stays as it is).")
         hasModel = os.path.exists(os.path.join(modelFolder, "model.json")) or os.path.isdir(
             os.path.join(modelFolder, "checkpoints"))
         if resume and not os.path.isfile(os.path.join(modelFolder, "checkpoints", "last.pt")):
@@ -396,6 +411,8 @@ class LTUDALogicCore:
                 args += ["--epochs-stage2", int(epochsStage2)]
             if outside:
                 args.append("--allow-outside-paths")
+            if parent is not None:
+                args += ["--init-from", parent.path]
             if resume:
                 args.append("--resume")
             elif overwrite and hasModel:
@@ -524,6 +541,174 @@ class LTUDALogicCore:
         if self.predictionJob is not None:
             self.predictionJob.cancel()
 
+    # ------------------------------------------------------------------------- annotation loop
+    def suggest(self, model=None, cases=None, device="auto", waitForCompletion=False, keepWorkFiles=False,
+                extraArgs=None, checkBackend=True, onUpdate=None, onLog=None, onFinished=None):
+        """Pre-fill missing organs: export the cases, run `ltuda suggest` in a subprocess, then add each
+        case's proposals as NEW segments "<organ> (proposed)" (tag LTUDA.status=proposed) to its
+        segmentation; existing segments are never modified. cases: None (all) or a list of cases,
+        indexes or names. Returns a SuggestionJob (status, progress, cancel(), wait(), added, skipped);
+        afterwards logic.reviewRows() / reviewNext() walk the ranked review list."""
+        from .annotation import SuggestPreparation, casesToExport
+
+        if self.suggestionJob is not None and not self.suggestionJob.finished:
+            raise LTUDAError("A pre-fill is already running: wait for it or cancel it first.")
+        if device not in DEVICES:
+            raise LTUDAError(f"Unknown device '{device}': choose one of {', '.join(DEVICES)}.")
+        chosen = self._resolveCases(cases)
+        info = self.resolveModel(model)
+        backend = self.backend()
+        if checkBackend:
+            self.requireBackendReady(device)
+        statuses = self.caseStatuses()
+        problems = [f"Case '{st.case.name}': {p}" for st in statuses if any(st.case is c for c in chosen)
+                    for p in st.problems]
+        if problems:
+            raise LTUDAError("Pre-fill cannot start:\n- " + "\n- ".join(problems))
+        exportCases, organNames = casesToExport(chosen, self.cases, statuses, self.organs)
+        if not organNames:
+            raise LTUDAError("Pre-fill needs at least one training case that labels an organ (the backend checks the "
+                             "cases as for training). Label one organ in one case, then pre-fill the others.")
+        runFolder = self.newRunFolder("suggest")
+        outFolder = os.path.join(runFolder, "proposals")
+        preparation = SuggestPreparation(self, chosen, exportCases, organNames, runFolder)
+        holder = {}
+
+        def makeRunner(result):
+            manifest, casesById, chosenIds = result
+            holder.update(casesById=casesById, chosenIds=chosenIds)
+            args = ["suggest", "--model", info.path, "--dataset", manifest, "--out", outFolder, "--cases",
+                    ",".join(chosenIds), "--device", device, "--progress", "jsonl"]
+            args += [str(a) for a in (extraArgs or [])]
+            return ProcessRunner(backend.command(*args), env=backend.environment(), cwd=runFolder,
+                                 logPath=os.path.join(runFolder, "ltuda-suggest.log"))
+
+        def onSuccess(job):
+            from .annotation import ProposalImport, proposalFiles
+            from .suggestions import readSuggestions
+
+            job.suggestions = readSuggestions(outFolder)
+            self.suggestions, self._suggestionCases = job.suggestions, dict(holder["casesById"])
+            job.proposalImport = ProposalImport(holder["casesById"], proposalFiles(outFolder, holder["chosenIds"]),
+                                                self.organs)
+            return job.proposalImport
+
+        def finished(job):
+            if not keepWorkFiles:  # the exported images are no longer needed; the proposals stay for the console
+                for sub in ("images", "labels"):
+                    shutil.rmtree(os.path.join(runFolder, sub), ignore_errors=True)
+            if job.added:
+                self._casesChanged()
+            if onFinished is not None:
+                onFinished(job)
+
+        job = jobsModule.SuggestionJob(None, outFolder, workDir=runFolder, onUpdate=onUpdate, onLog=onLog,
+                                       onFinished=finished, onSuccess=onSuccess, preparation=preparation,
+                                       makeRunner=makeRunner)
+        job.model = info
+        self.suggestionJob = job
+        job.start()
+        self._schedule(job)
+        if waitForCompletion:
+            job.wait(idle=self._idle)
+        return job
+
+    def cancelSuggestion(self):
+        if self.suggestionJob is not None:
+            self.suggestionJob.cancel()
+
+    def addProposals(self, case, segPath):
+        """Add the segments of a proposal .seg.nrrd (on the case volume's grid, as `ltuda suggest` writes
+        them) to the case's segmentation as NEW "<organ> (proposed)" segments, skipping organs the case
+        already labels or has a proposal for; returns [(organ, segment id)] of what was added."""
+        from .annotation import ProposalImport
+
+        target = self._resolveCase(case)
+        if not target.isScene:
+            target = self.loadFileCase(target)
+        if not os.path.isfile(str(segPath)):
+            raise LTUDAError(f"The proposal file {segPath} does not exist.")
+        steps = ProposalImport({"case": target}, [("case", str(segPath))], self.organs)
+        while not steps.step():
+            pass
+        if steps.added:
+            self._casesChanged()
+        return [(organ, segmentId) for _name, organ, segmentId in steps.added]
+
+    def loadSuggestions(self, pathOrFolder):
+        """Use a suggestions.json written by `ltuda suggest` (or its folder) as the review list; its case
+        ids are matched to the training cases (ids as the export makes them, else names)."""
+        from .suggestions import readSuggestions
+
+        self.suggestions, self._suggestionCases = readSuggestions(pathOrFolder), {}
+        return self.suggestions
+
+    def reviewRows(self):
+        """The review list in rank order: the rows of suggestions.json with "caseName", "caseIndex",
+        "segmentId" and "status" (proposed | reviewed | labelled | missing) added. [] without a list."""
+        from .annotation import reviewRows
+
+        if not self.suggestions:
+            return []
+        rows = reviewRows(self.suggestions, self._suggestionCases, self.organs, self._findCaseById)
+        for row in rows:
+            case = row.pop("caseObject")
+            row["caseIndex"] = next((i for i, c in enumerate(self.cases) if c is case), None)
+        return rows
+
+    def reviewNext(self):
+        """The best-ranked row whose proposal is still unreviewed (a dict as in reviewRows), or None."""
+        return next((row for row in self.reviewRows() if row["status"] == "proposed"), None)
+
+    def markReviewed(self, case, organ):
+        """Turn the proposal for `organ` in `case` (a Case, index, name or review-list id) into a label:
+        tag LTUDA.status=reviewed and the name without " (proposed)"; returns the segment ids."""
+        from .organs import findOrgan
+        from .proposals import PROPOSED, markSegmentReviewed, segmentsOfOrgan
+
+        target = self._resolveCase(case)
+        organClass = findOrgan(self.organs, organ)
+        if organClass is None:
+            raise LTUDAError(f"There is no organ '{organ}' in the list.")
+        ids = segmentsOfOrgan(target.segmentationNode, organClass, self.organs, PROPOSED) if target.isScene else []
+        if not ids:
+            raise LTUDAError(f"Case '{target.name}' has no unreviewed proposal for '{organClass['name']}' (already "
+                             "reviewed, deleted, or never proposed).")
+        for segmentId in ids:
+            markSegmentReviewed(target.segmentationNode, segmentId)
+        return ids
+
+    def _findCaseById(self, caseId):
+        """The case a review-list id stands for: the export's id of the case, else its name."""
+        for case, candidate in zip(self.cases, uniqueCaseIds(self.cases)):
+            if candidate == caseId:
+                return case
+        return next((c for c in self.cases if c.name == caseId), None)
+
+    def _resolveCase(self, case):
+        if isinstance(case, str):
+            found = self._suggestionCases.get(case)
+            if found is None or not any(found is c for c in self.cases):
+                found = next((c for c in self.cases if c.name == case), None) or self._findCaseById(case)
+            if found is None:
+                raise LTUDAError(f"There is no training case '{case}'.")
+            return found
+        return self.cases[self._caseIndex(case)]
+
+    def _resolveCases(self, cases):
+        self.pruneCases()
+        if cases is None:
+            chosen = list(self.cases)
+        else:
+            chosen = []
+            for case in cases:
+                found = self._resolveCase(case)
+                if not any(found is c for c in chosen):
+                    chosen.append(found)
+        if not chosen:
+            raise LTUDAError("No training cases: add a volume with its segmentation, or import a folder.")
+        return chosen
+
     # ------------------------------------------------------------------------------- plotting
     def updateTrainingPlot(self, progress):
         """Loss and validation Dice per epoch as table + plot nodes (created once); returns the chart node."""
@@ -569,7 +754,7 @@ class LTUDALogicCore:
     # ------------------------------------------------------------------------------- shutdown
     def stopAll(self):
         """Kill running backend processes (scene close, application exit)."""
-        for job in (self.trainingJob, self.predictionJob):
+        for job in (self.trainingJob, self.predictionJob, self.suggestionJob):
             if job is not None and not job.finished:
                 job.kill()
                 job.wait(timeout=15, raiseOnError=False)

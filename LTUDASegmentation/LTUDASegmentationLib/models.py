@@ -50,6 +50,12 @@ class ModelInfo:
         return list(self.doc.get("heads") or [])
 
     @property
+    def lineage(self):
+        """{"parent", "parent_sha256", "labels_added": [{"case", "organ"}]} of a fine-tuned model, else {}."""
+        value = self.doc.get("lineage")
+        return value if isinstance(value, dict) else {}
+
+    @property
     def name(self):
         return os.path.basename(self.path.rstrip("/\\")) or self.path
 
@@ -66,6 +72,9 @@ class ModelInfo:
                          f"device {t.get('device', '?')}" + ("" if self.completed else " (stopped before the end)"))
         if isinstance(self.meanDice, (int, float)):
             lines.append(f"Validation mean Dice: {self.meanDice:.3f}")
+        if self.lineage.get("parent"):
+            added = self.lineage.get("labels_added") or []
+            lines.append(f"Fine-tuned from {self.lineage['parent']} with {len(added)} label(s) added")
         lines.append(f"Default head: {self.defaultHead}; LTUDA {self.doc.get('ltuda_version', '?')}")
         return "\n".join(lines)
 

@@ -1,11 +1,13 @@
 """Reader of the backend's progress stream (`--progress jsonl`): one JSON object per stdout line.
 
 Training events: start, stage, epoch, validation, checkpoint, done | error.
-Prediction events: start, progress, case, case_failed, done | error.
+Prediction events: start, progress, case, case_failed, done | error (also `ltuda suggest`'s stream).
 Unknown events and fields are kept but ignored, so a newer backend does not break the panel.
 """
 
 import json
+
+CASE_COMMANDS = ("predict", "suggest")  # commands that go case by case (progress fraction, case events)
 
 
 def formatSeconds(seconds):
@@ -90,7 +92,7 @@ class ProgressState:
         self.deviceName = e.get("device_name")
         self.stages = [int(s) for s in e.get("stages") or []]
         self.epochs = {int(k): int(v) for k, v in (e.get("epochs") or {}).items()}
-        if e.get("command") == "predict":
+        if e.get("command") in CASE_COMMANDS:
             self.cases = e.get("cases")
             self.predictFraction = 0.0
 
@@ -140,7 +142,7 @@ class ProgressState:
         self.done = e
         if e.get("mean_dice") is not None:
             self.meanDice = _float(e.get("mean_dice"), self.meanDice)
-        if self.command == "predict":
+        if self.command in CASE_COMMANDS:
             self.predictFraction = 1.0
 
     def _on_error(self, e):
@@ -160,7 +162,7 @@ class ProgressState:
 
     def fraction(self):
         """0..1 progress of the whole run, or None when unknown."""
-        if self.command == "predict" or (self.command is None and self.predictFraction is not None):
+        if self.command in CASE_COMMANDS or (self.command is None and self.predictFraction is not None):
             return self.predictFraction
         total = self.totalEpochs()
         if not total:
@@ -173,8 +175,8 @@ class ProgressState:
         """One line for the panel, e.g. 'Stage 1 (CDA): epoch 3/10 | loss 0.412 | Dice 0.81 | 35 img/s | 2m10s left'."""
         if self.error:
             return "Error: " + self.error
-        if self.command == "predict":
-            text = "Segmenting"
+        if self.command in CASE_COMMANDS:
+            text = "Segmenting" if self.command == "predict" else "Proposing missing organs"
             if self.predictStage:
                 text += f" ({self.predictStage})"
             if self.predictFraction is not None:

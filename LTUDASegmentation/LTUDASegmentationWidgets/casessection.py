@@ -1,4 +1,5 @@
-"""Training cases section: scene cases (volume + segmentation), folder import, the labelled/missing table."""
+"""Training cases section: scene cases (volume + segmentation), folder import, the table of what each
+case labels (labelled / reviewed proposal / unreviewed proposal / empty / missing per organ)."""
 
 import html
 
@@ -7,7 +8,7 @@ import qt
 import slicer
 from slicer.util import VTKObservationMixin
 
-from LTUDASegmentationLib.cases import EMPTY, LABELLED, summaryText
+from LTUDASegmentationLib.cases import EMPTY, LABELLED, PROPOSED, REVIEWED, summaryText
 from LTUDASegmentationLib.errors import LTUDAError
 
 from .panel import Section, _
@@ -19,6 +20,7 @@ class CasesSection(Section, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self._observedSegmentations = []
         self._refreshTimer = None
+        self.onRefreshed = lambda: None  # set by the module widget: the review list follows the table
 
     def setup(self):
         self._refreshTimer = qt.QTimer()
@@ -52,7 +54,10 @@ class CasesSection(Section, VTKObservationMixin):
         table.setColumnCount(3 + len(organs))
         table.setHorizontalHeaderLabels([_("Case"), _("Volume"), _("Segmentation")] + organs)
         table.setRowCount(len(rows))
-        symbols = {LABELLED: ("\u2714", "#c8eccf", _("labelled")), EMPTY: (_("empty"), "#fbe3b4", _("segment is empty")),
+        symbols = {LABELLED: ("\u2714", "#c8eccf", _("labelled")),
+                   REVIEWED: ("\u2714 " + _("reviewed"), "#c8eccf", _("model proposal, reviewed: a label")),
+                   PROPOSED: (_("proposed"), "#d6e6fb", _("model proposal, not reviewed: not a label yet")),
+                   EMPTY: (_("empty"), "#fbe3b4", _("segment is empty")),
                    "missing": ("\u2013", "#eeeeee", _("not labelled in this case"))}
         for r, row in enumerate(rows):
             tooltip = "\n".join(row["problems"] + ([_("Segments matching no organ: ") + ", ".join(row["unmatched"])]
@@ -80,6 +85,7 @@ class CasesSection(Section, VTKObservationMixin):
         self.ui.casesSummaryLabel.text = "<br>".join(lines)
         self.ui.casesSummaryLabel.setStyleSheet("")
         self._observeCaseSegmentations()
+        self.onRefreshed()
         self.panel.updateButtonStates()
 
     def _observeCaseSegmentations(self):

@@ -1,4 +1,5 @@
-"""Train section: model folder, preset and epochs, Start/Cancel, progress, log and the loss plot."""
+"""Train section: model folder, preset and epochs, Start/Cancel, progress, log and the loss plot; also
+"Continue training" of the annotation loop (fine-tune the selected model into a new folder)."""
 
 import logging
 import os
@@ -28,6 +29,7 @@ class TrainSection(Section):
         ui.startTrainingButton.clicked.connect(self.onStartTraining)
         ui.cancelTrainingButton.clicked.connect(self.onCancelTraining)
         ui.showPlotButton.clicked.connect(self.onShowPlot)
+        ui.continueTrainingButton.clicked.connect(self.onContinueTraining)
         ui.modelFolderPathLineEdit.currentPath = self.logic.defaultModelFolder()
 
     def onStartTraining(self):
@@ -43,14 +45,27 @@ class TrainSection(Section):
                 return
         self.setupSection.withReadyBackend(lambda: self._startTraining(folder, resume), self.ui.trainingStatusLabel)
 
-    def _startTraining(self, folder, resume):
+    def onContinueTraining(self):
+        """Fine-tune the model selected in the Segment section on the current labels, into a new folder."""
+        if self._startingTraining:
+            return
+        parent = None
+        with self.panel.guard(self.ui.trainingStatusLabel):
+            parent = self.logic.resolveModel(self.ui.modelComboBox.currentData or None)
+        if parent is None:
+            return
+        folder = self.logic.defaultModelFolder()
+        self.setupSection.withReadyBackend(lambda: self._startTraining(folder, False, initFrom=parent.path),
+                                           self.ui.trainingStatusLabel)
+
+    def _startTraining(self, folder, resume, initFrom=None):
         if self._startingTraining:
             return
         # Disabled before anything processes events, so a double click cannot start a second export.
         self._startingTraining = True
         self.ui.startTrainingButton.enabled = False
         try:
-            self._exportAndTrain(folder, resume)
+            self._exportAndTrain(folder, resume, initFrom)
         finally:
             self._startingTraining = False
         job = self.logic.trainingJob
@@ -58,7 +73,7 @@ class TrainSection(Section):
             self.ui.trainingProgressBar.hide()
         self.panel.updateButtonStates()
 
-    def _exportAndTrain(self, folder, resume):
+    def _exportAndTrain(self, folder, resume, initFrom=None):
         p = self.parameterNode
         with self.panel.guard(self.ui.trainingStatusLabel):
             probe = self.logic.lastProbe
@@ -77,6 +92,7 @@ class TrainSection(Section):
             self.logic.train(folder, preset=p.preset, epochsStage1=p.epochsStage1 or None,
                              epochsStage2=p.epochsStage2 or None, device=p.device,
                              ignoreUnmatched=p.ignoreUnmatched, keepWorkFiles=p.keepWorkFiles, resume=resume,
+                             initFrom=initFrom,
                              waitForCompletion=False, onUpdate=self.onTrainingUpdate, onLog=self.onTrainingLog,
                              onFinished=self.onTrainingFinished)
 
@@ -140,5 +156,12 @@ class TrainSection(Section):
         ui.startTrainingButton.enabled = not training and not problems
         ui.startTrainingButton.toolTip = ("\n".join(problems) if problems else
                                           _("Export the cases and train a model in a separate process."))
+        hasModel = bool(ui.modelComboBox.currentData)
+        ui.continueTrainingButton.enabled = not training and not problems and hasModel
+        ui.continueTrainingButton.toolTip = (
+            "\n".join(problems) if problems else
+            _("Train a model first (or add one in the Segment section).") if not hasModel else
+            _("Fine-tune the model selected in the Segment section on the current labels (reviewed proposals "
+              "included) into a new model folder; progress is shown in the Train section."))
         ui.cancelTrainingButton.enabled = (training and self.logic.trainingJob is not None and
                                            self.logic.trainingJob.status in (ltudaJobs.EXPORTING, ltudaJobs.RUNNING))
