@@ -126,6 +126,12 @@ class Backend:
     def command(self, *args):
         return [self.executable(), "-m", "ltuda"] + [str(a) for a in args]
 
+    def torchrunCommand(self, processes, *args):
+        """`ltuda ARGS` as `processes` ranks on this machine under PyTorch's launcher (torchrun), run
+        by the same interpreter; --standalone picks a free port, so runs never collide."""
+        return [self.executable(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(int(processes)), "-m", "ltuda"] + [str(a) for a in args]
+
     def run(self, args, timeout=600):
         """Run a short command to completion: (return code, stdout, stderr), text decoded as UTF-8."""
         kwargs = {}
