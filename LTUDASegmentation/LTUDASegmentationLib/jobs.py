@@ -354,21 +354,33 @@ class TrainingJob(BackendJob):
     last checkpoint and exits 130 when it sees it; works on every OS, also where a console signal
     cannot reach a process started without a console). Still running after `stopFileGrace` s, it
     gets SIGTERM (CTRL_BREAK on Windows), which makes it save and exit the same way, and after
-    `cancelGrace` s more its process tree is killed. The STOP file is removed when the job ends."""
+    `cancelGrace` s more its process tree is killed. The STOP file is removed when the job ends.
+
+    Under torchrun (processes > 1) the same holds: rank 0 sees the STOP file and every rank agrees to
+    stop at the same step, saves once and exits 130; torchrun itself then exits 1, which still ends
+    the job "cancelled" because the stop was asked for. The signal reaches torchrun, which passes it
+    on to its ranks (they run in sessions of their own); the final kill takes the whole tree."""
 
     kind = "training"
     cancelGrace = 60.0  # the trainer saves its checkpoint on SIGTERM before exiting
     stopFileGrace = 20.0
     STOP_FILE = "STOP"
 
-    def __init__(self, runner, modelDir, workDir=None, **kwargs):
+    def __init__(self, runner, modelDir, workDir=None, processes=1, processesNote="", **kwargs):
         kwargs.setdefault("title", "Training")
         super().__init__(runner, **kwargs)
         self.modelDir = os.path.abspath(str(modelDir))
         self.workDir = workDir
+        self.processes = processes  # training processes (torchrun ranks when more than one)
+        self.processesNote = processesNote  # why the GPUs choice gave this many, shown in the log
         self.stopFile = os.path.join(self.modelDir, self.STOP_FILE)
         self._signalAt = None
         self._wroteStopFile = False
+
+    def start(self):
+        if self.processesNote:
+            self._log(self.processesNote)
+        return super().start()
 
     def _startRunner(self):
         self._removeStopFile(force=True)  # a stale request would stop the new training at once

@@ -16,6 +16,8 @@ from .cases import Case, requireUsable, scanCase, scanSignature, summarize, uniq
 from .errors import LTUDAError
 from .export import TrainingExport, exportTrainingData
 from .folders import findImageLabelPairs, parseValueMap
+from .gpus import SETTINGS_KEY as GPUS_SETTINGS_KEY
+from .gpus import parseGpus, planProcesses, torchrunEnvironment
 from .models import HEADS, ModelInfo, ModelRegistry, readModel
 from .organs import (OrganError, defaultOrgans, findOrgan, organClass, organsFromJson, organsToJson, renumber,
                      validateOrgans)
@@ -309,10 +311,15 @@ class LTUDALogicCore:
         self.lastProbe = self.backend().probe()
         return self.lastProbe
 
-    def requireBackendReady(self, device="auto"):
+    def currentProbe(self):
+        """The last probe of the chosen backend Python, probing it when there is none."""
         probe = self.lastProbe
         if probe is None or probe.backend is None or probe.backend.python != self.backendPython():
             probe = self.probeBackend()
+        return probe
+
+    def requireBackendReady(self, device="auto"):
+        probe = self.currentProbe()
         if not probe.ready():
             raise LTUDAError(probe.missingMessage())
         if device == "cuda" and not probe.gpu:
@@ -342,6 +349,26 @@ class LTUDALogicCore:
         return path
 
     # ------------------------------------------------------------------------------- training
+    def trainGpus(self):
+        """The GPUs choice the panel remembers (1, "all" or N; 1 when unset or unreadable)."""
+        try:
+            return parseGpus(self.settings.value(GPUS_SETTINGS_KEY, "1") or "1")
+        except LTUDAError:
+            return 1
+
+    def setTrainGpus(self, gpus):
+        """Remember the GPUs choice (a per-machine preference, like the backend Python)."""
+        self.settings.setValue(GPUS_SETTINGS_KEY, str(parseGpus(gpus)))
+
+    def planTrainingProcesses(self, gpus=1, device="auto"):
+        """(processes, note) a training with this GPUs choice would start (see gpus.planProcesses); probes
+        the backend for "all" and for N on a device that may be a GPU."""
+        choice = parseGpus(gpus)
+        if device not in DEVICES:
+            raise LTUDAError(f"Unknown device '{device}': choose one of {', '.join(DEVICES)}.")
+        probe = None if choice == 1 or device == "cpu" else self.currentProbe()
+        return planProcesses(choice, device, probe)
+
     def checkCanTrain(self, ignoreUnmatched=False):
         """Problems that block training (empty list: ready as far as the cases go)."""
         try:
@@ -359,9 +386,11 @@ class LTUDALogicCore:
 
     def train(self, modelFolder=None, preset="fast", epochsStage1=None, epochsStage2=None, device="auto",
               waitForCompletion=False, ignoreUnmatched=False, resume=False, overwrite=False, keepWorkFiles=False,
-              extraArgs=None, checkBackend=True, onUpdate=None, onLog=None, onFinished=None, initFrom=None):
+              extraArgs=None, checkBackend=True, onUpdate=None, onLog=None, onFinished=None, initFrom=None, gpus=1):
         """Export the cases and start `ltuda train` in a subprocess; returns a TrainingJob (status,
         progress, cancel(), wait()). With waitForCompletion, blocks and raises LTUDAError on failure.
+        gpus: 1 (one process), "all" (one process per CUDA GPU the backend sees) or N: more than one
+        runs the trainer under torchrun (job.processes; job.processesNote says why when it differs).
         initFrom (a model folder or ModelInfo): "Continue training", i.e. fine-tune that model on the
         current labels (`--init-from`, a shorter schedule by default) into a NEW model folder; the
         new model.json records its parent and the labels added (lineage)."""
@@ -371,6 +400,7 @@ class LTUDALogicCore:
             raise LTUDAError(f"Unknown preset '{preset}': choose one of {', '.join(PRESETS)}.")
         if device not in DEVICES:
             raise LTUDAError(f"Unknown device '{device}': choose one of {', '.join(DEVICES)}.")
+        parseGpus(gpus)  # a bad value is refused before anything else is checked
         modelFolder = os.path.abspath(str(modelFolder or self.defaultModelFolder()))
         parent = None
         if initFrom is not None:
@@ -388,6 +418,7 @@ class LTUDALogicCore:
         backend = self.backend()
         if checkBackend:
             self.requireBackendReady(device)
+        processes, processesNote = self.planTrainingProcesses(gpus, device)
         runFolder = self.newRunFolder("train")
         # Checked now (an error is raised here); the cases are then read one per job.process() call
         # on this thread and written by a worker thread, so the GUI stays responsive during the export.
@@ -418,8 +449,12 @@ class LTUDALogicCore:
             elif overwrite and hasModel:
                 args.append("--overwrite")
             args += [str(a) for a in (extraArgs or [])]
-            return ProcessRunner(backend.command(*args), env=backend.environment(), cwd=runFolder,
-                                 logPath=os.path.join(runFolder, "ltuda-train.log"))
+            if processes > 1:  # rank 0 speaks on stdout; Cancel's STOP file is agreed on by every rank
+                command = backend.torchrunCommand(processes, *args)
+                env = torchrunEnvironment(backend.environment(), processes)
+            else:
+                command, env = backend.command(*args), backend.environment()
+            return ProcessRunner(command, env=env, cwd=runFolder, logPath=os.path.join(runFolder, "ltuda-train.log"))
 
         def onSuccess(job):
             self.registry.add(job.modelDir)
@@ -437,7 +472,7 @@ class LTUDALogicCore:
 
         job = jobsModule.TrainingJob(None, modelFolder, workDir=runFolder, onUpdate=onUpdate, onLog=onLog,
                                      onFinished=finished, onSuccess=onSuccess, preparation=export,
-                                     makeRunner=makeRunner)
+                                     makeRunner=makeRunner, processes=processes, processesNote=processesNote)
         self.trainingJob = job
         job.start()
         self._schedule(job)

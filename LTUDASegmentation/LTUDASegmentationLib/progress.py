@@ -44,6 +44,7 @@ class ProgressState:
         self.command = None
         self.device = None
         self.deviceName = None
+        self.processes = None  # training ranks under torchrun (the start event says when more than one)
         self.stages = []
         self.epochs = {}  # stage -> epoch count
         self.stage = None
@@ -90,6 +91,7 @@ class ProgressState:
         self.command = e.get("command")
         self.device = e.get("device")
         self.deviceName = e.get("device_name")
+        self.processes = _int(e.get("processes"))
         self.stages = [int(s) for s in e.get("stages") or []]
         self.epochs = {int(k): int(v) for k, v in (e.get("epochs") or {}).items()}
         if e.get("command") in CASE_COMMANDS:
@@ -191,13 +193,15 @@ class ProgressState:
                 head += f": epoch {self.epoch}/{self.epochsInStage or '?'}"
             parts.append(head)
         else:
-            parts.append("Preparing data" + (f" on {self.deviceName or self.device}" if self.device else ""))
+            parts.append("Preparing data" + (f" on {self.deviceName or self.device}" if self.device else "") +
+                         (f" ({self.processes} processes)" if (self.processes or 1) > 1 else ""))
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
         if self.meanDice is not None:
             parts.append(f"Dice {self.meanDice:.3f}")
-        if self.imagesPerSecond:
-            parts.append(f"{self.imagesPerSecond:.1f} img/s")
+        if self.imagesPerSecond:  # under torchrun: all ranks together
+            parts.append(f"{self.imagesPerSecond:.1f} img/s" +
+                         (f" ({self.processes} processes)" if (self.processes or 1) > 1 else ""))
         if self.etaSeconds is not None and self.done is None:
             parts.append(f"{formatSeconds(self.etaSeconds)} left")
         return " | ".join(parts)
