@@ -1,7 +1,8 @@
 """The Slicer module's process runner and progress reader, with real child processes (no Slicer, no Qt).
 
 Covers: the JSON-lines progress stream -> panel state, cancel that kills the whole process tree
-(polite stop first, then kill after the grace period), a crash reported with its message and the
+(polite stop first, then kill after the grace period; also a grandchild in a session of its own, as
+torchrun starts its ranks, with or without psutil), a crash reported with its message and the
 log path, and output that is not valid UTF-8.
 """
 
@@ -171,6 +172,32 @@ def test_cancel_stops_the_whole_process_tree(tmp_path, ignoresTerm):
     else:
         assert elapsed < 1.4 and not job.runner.killed and job.returncode == 130
         assert job.progress.done["status"] == "cancelled"
+
+
+OWN_SESSION_CHILD = """
+import subprocess, sys, time
+# like torchrun, which starts each rank in a session of its own (out of reach of a process-group signal)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+open(sys.argv[1], "w").write(str(child.pid))
+time.sleep(120)
+"""
+
+
+@posixOnly
+@pytest.mark.parametrize("withPsutil", [True, False], ids=["psutil", "ps"])
+def test_kill_reaches_a_grandchild_in_a_session_of_its_own(tmp_path, withPsutil, monkeypatch):
+    if withPsutil:
+        pytest.importorskip("psutil")
+    else:  # Slicer's Python may lack psutil: the parent links `ps` lists are used instead
+        monkeypatch.setitem(sys.modules, "psutil", None)
+    pidFile = tmp_path / "grandchild.pid"
+    runner = ProcessRunner(script(tmp_path, "run.py", OWN_SESSION_CHILD) + [str(pidFile)]).start()
+    assert waitFor(lambda: pidFile.exists() and pidFile.read_text(), 30)
+    grandchild = int(pidFile.read_text())
+    assert os.getsid(grandchild) != os.getsid(runner.pid)
+    runner.stop(grace=0)
+    assert runner.wait(timeout=30) == -signal.SIGKILL
+    assert waitFor(lambda: not pidAlive(grandchild), 10), "the grandchild in its own session survived the kill"
 
 
 WATCHES_STOP_FILE = """

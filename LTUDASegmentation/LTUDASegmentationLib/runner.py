@@ -218,14 +218,47 @@ class ProcessRunner:
 
 
 def _descendants(pid):
+    """Every process below pid, as objects with kill(). A descendant may have left the process group:
+    torchrun starts each rank in a session of its own, so only this list reaches them."""
     try:
         import psutil
     except ImportError:
-        return []
+        return _descendantsFromPs(pid)
     try:
         return psutil.Process(pid).children(recursive=True)
     except Exception:
         return []
+
+
+class _Pid:
+    def __init__(self, pid):
+        self.pid = pid
+
+    def kill(self):
+        os.kill(self.pid, signal.SIGKILL)
+
+
+def _descendantsFromPs(pid):
+    """Without psutil (POSIX): the parent links `ps` lists; Windows' taskkill /T walks the tree itself."""
+    if os.name == "nt":
+        return []
+    try:
+        listing = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid="], stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, timeout=10).stdout.decode("ascii", "replace")
+    except (OSError, subprocess.SubprocessError):
+        return []
+    children = {}
+    for line in listing.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(fields[0]))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.append(child)
+                todo.append(child)
+    return [_Pid(p) for p in found]
 
 
 def killTree(pid):
