@@ -71,7 +71,9 @@ adds its proposal for each organ a case lacks as a new segment "ORGAN (proposed)
 Unreviewed proposals are never used as training labels. <i>Continue training</i> fine-tunes the model on the
 enlarged label set.</li>
 <li><b>Train</b>: runs in a separate process; Slicer stays usable. The cases are exported in the background first
-(Cancel works there too and leaves no files). Cancel keeps the last checkpoint.</li>
+(Cancel works there too and leaves no files). Cancel keeps the last checkpoint. <i>GPUs</i>: 1, all, or a number of
+training processes; more than one trains one model on several GPUs with PyTorch's torchrun (remembered on this
+computer).</li>
 <li><b>Segment</b>: pick a model and a volume; the result is a new segmentation, one segment per organ (its 3D
 surfaces are built one organ at a time after it appears).</li>
 </ol>
@@ -295,6 +297,7 @@ class LTUDASegmentationLogic(ScriptedLoadableModuleLogic, LTUDALogicCore):
         logic = slicer.util.getModuleLogic("LTUDASegmentation")
         logic.addCase(volumeNode, segmentationNode)
         job = logic.train(preset="fast")           # returns at once; job.status, job.progress, job.cancel()
+        job = logic.train(preset="paper", gpus="all")   # one process per GPU (torchrun)
         job.wait()                                 # optional: block until done (raises on failure)
         segmentation = logic.predict(otherVolume).segmentationNode
     """

@@ -420,6 +420,30 @@ def test_double_click_on_start_begins_one_training(scene, moduleFile, tmp_path):
     widget.cleanup()
 
 
+def test_gpus_spin_box_is_remembered_and_reaches_the_training(scene, moduleFile, tmp_path):
+    """The widget only maps the spin box (0 = "all") to the logic's remembered choice; Start passes it on."""
+    _FakeQSettings.store["LTUDASegmentation/TrainGpus"] = "all"
+    widget = moduleFile.LTUDASegmentationWidget()
+    widget.setup()
+    ui, logic = widget.ui, widget.logic
+    assert ui.gpusSpinBox.value == 0
+    ui.gpusSpinBox.valueChanged.connect.assert_called_once_with(widget.trainSection.onGpusChanged)
+    widget.trainSection.onGpusChanged(2)
+    assert _FakeQSettings.store["LTUDASegmentation/TrainGpus"] == "2" and logic.trainGpus() == 2
+    logic.setOrgans(["liver", "spleen"])
+    logic.addCase(*synthetic.addSyntheticCase(scene, "ct", ["liver", "spleen"], ["liver", "spleen"], seed=81))
+    logic.lastProbe = _readyProbe(logic)
+    widget._parameterNode.device = "cpu"
+    ui.modelFolderPathLineEdit.currentPath = str(tmp_path / "model")
+    widget.trainSection.onStartTraining()
+    job = logic.trainingJob
+    assert job is not None and job.processes == 2, moduleFile.testMessages["error"]
+    ui.trainingLogTextEdit.appendPlainText.assert_any_call(job.processesNote)
+    job.cancel()  # still exporting: nothing was started
+    assert job.status == jobs.CANCELLED
+    widget.cleanup()
+
+
 def test_wait_cursor_is_not_shown_over_confirmation_dialogs(scene, moduleFile, monkeypatch):
     widget = moduleFile.LTUDASegmentationWidget()
     widget.setup()

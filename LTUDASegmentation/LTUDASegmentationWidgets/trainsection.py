@@ -7,6 +7,7 @@ import os
 import slicer
 
 from LTUDASegmentationLib import jobs as ltudaJobs
+from LTUDASegmentationLib.gpus import choiceFromSpinBox, spinBoxValue
 
 from .panel import Section, _, errorBox
 
@@ -31,6 +32,12 @@ class TrainSection(Section):
         ui.showPlotButton.clicked.connect(self.onShowPlot)
         ui.continueTrainingButton.clicked.connect(self.onContinueTraining)
         ui.modelFolderPathLineEdit.currentPath = self.logic.defaultModelFolder()
+        # GPUs: a per-computer preference kept in the application settings (0 on the spin box is "all")
+        ui.gpusSpinBox.value = spinBoxValue(self.logic.trainGpus())
+        ui.gpusSpinBox.valueChanged.connect(self.onGpusChanged)
+
+    def onGpusChanged(self, value):
+        self.logic.setTrainGpus(choiceFromSpinBox(value))  # the spin box's range holds only valid choices
 
     def onStartTraining(self):
         if self._startingTraining:
@@ -92,7 +99,7 @@ class TrainSection(Section):
             self.logic.train(folder, preset=p.preset, epochsStage1=p.epochsStage1 or None,
                              epochsStage2=p.epochsStage2 or None, device=p.device,
                              ignoreUnmatched=p.ignoreUnmatched, keepWorkFiles=p.keepWorkFiles, resume=resume,
-                             initFrom=initFrom,
+                             initFrom=initFrom, gpus=self.logic.trainGpus(),
                              waitForCompletion=False, onUpdate=self.onTrainingUpdate, onLog=self.onTrainingLog,
                              onFinished=self.onTrainingFinished)
 
