@@ -110,8 +110,8 @@ def test_the_choice_is_remembered_per_computer_and_maps_to_the_spin_box(logic, t
 def test_all_resolves_from_the_probe_and_falls_back_to_one_process_with_a_note(logic):
     # (reports as probe.py writes them; running the real probe costs seconds and is tested elsewhere)
     logic.lastProbe = probeWith(logic, None)  # CPU only: "all" is one process, with a note
-    assert logic.planTrainingProcesses("all", "auto") == (1, "GPUs 'all': the backend sees no CUDA GPU, so training runs as one process on "
-                                    "the CPU.")
+    assert logic.planTrainingProcesses("all", "auto") == (
+        1, "GPUs 'all': the backend sees no CUDA GPU, so training runs as one process on the CPU.")
     logic.lastProbe = probeWith(logic, {"name": "H200", "memory_gb": 139.8, "count": 4})
     assert logic.planTrainingProcesses("all", "auto")[0] == 4
     assert logic.planTrainingProcesses("all", "cuda") == (4, "Training on all 4 GPUs the backend sees: 4 processes "
