@@ -45,6 +45,7 @@ class LTUDALogicCore:
 
     logic.addCase(volumeNode, segmentationNode); logic.caseTable(); logic.labelSummary()
     job = logic.train(modelFolder, preset="fast"); job.status, job.progress, job.cancel(), job.wait()
+    job = logic.train(modelFolder, preset="paper", gpus="all")  (1 | "all" | N training processes, torchrun)
     logic.models(); segNode = logic.predict(volumeNode, model).segmentationNode
     Annotation loop: job = logic.suggest(model); row = logic.reviewNext(); logic.markReviewed(case, organ);
     logic.train(initFrom=model) fine-tunes the model on the enlarged label set.
