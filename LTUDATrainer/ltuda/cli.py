@@ -117,6 +117,18 @@ def _build_parser() -> argparse.ArgumentParser:
                               "life for this long, from a worker on another machine (default 3600)")
     _add_progress(predict)
 
+    suggest = sub.add_parser("suggest", help="propose the organs each training case does not label, ranked for review")
+    suggest.add_argument("--model", required=True, help="model folder")
+    suggest.add_argument("--dataset", required=True, help="dataset.json or the folder holding it")
+    suggest.add_argument("--out", required=True, help="folder for <case>.seg.nrrd proposals and suggestions.json")
+    suggest.add_argument("--cases", default=None, metavar="ID[,ID...]", help="only these case ids (default: every training case)")
+    suggest.add_argument("--score", choices=("entropy", "heads", "shift", "volume"), default=None,
+                         help="what ranks the rows (default: entropy, chosen by benchmarks/annotation_loop.py)")
+    suggest.add_argument("--head", default="auto", help="auto, linear, proto-labeled or proto-unlabeled")
+    suggest.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    suggest.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
+    _add_progress(suggest)
+
     evaluate = sub.add_parser("evaluate", help="3D Dice and HD95 (mm) of predictions against ground truth")
     from .evaluate import add_arguments as add_evaluate_arguments
     add_evaluate_arguments(evaluate)
@@ -259,6 +271,20 @@ def cmd_predict(args, report) -> int:
     return 1 if summary["failed"] else 0
 
 
+def cmd_suggest(args, report) -> int:
+    from .suggest import run_suggestion
+    case_ids = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    summary = run_suggestion(args.model, args.dataset, args.out, case_ids=case_ids, device=args.device,
+                             score=args.score, head=args.head, batch_size=args.batch_size, report=report)
+    report.log(f"{summary['cases']} case(s) lack organs: {summary['done']} done, {summary['skipped']} already done, "
+               f"{len(summary['failed'])} failed; {summary['rows']} row(s) in {summary['suggestions']}")
+    for failure in summary["failed"]:
+        report.log(f"  failed: {failure['message']}")
+    if summary["status"] == "cancelled":
+        return EXIT_STOPPED
+    return 1 if summary["failed"] else 0
+
+
 def cmd_evaluate(args, report) -> int:
     from .evaluate import run
     return run(args, report)
@@ -279,7 +305,7 @@ def cmd_demo(args, report) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "phantoms": cmd_phantoms,
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "suggest": cmd_suggest, "evaluate": cmd_evaluate, "phantoms": cmd_phantoms,
             "demo": cmd_demo}
 
 
