@@ -48,7 +48,11 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", choices=("fast", "paper"), default=None,
                        help="fast: small network, 64x64 slices, minutes on a CPU; paper: the published setting (GPU). "
                             "Default: paper on a GPU, fast on a CPU")
-    train.add_argument("--method", choices=("ltuda", "cda", "labeled-only", "naive", "marginal-exclusion"), default="ltuda")
+    train.add_argument("--method", choices=("ltuda", "cda", "labeled-only", "naive", "marginal-exclusion"), default=None,
+                       help="default: ltuda (with --init-from: the parent's)")
+    train.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                       help="continue training this model (same network and organs) on the dataset's labels, with a "
+                            "shorter schedule (a quarter of the parent's epochs); model.json records the lineage")
     for flag, kind, text in [
         ("--epochs-stage1", int, "epochs of stage 1 (CDA), or of the single stage of a baseline"),
         ("--epochs-stage2", int, "epochs of stage 2 (PDA)"),
@@ -182,28 +186,54 @@ def cmd_train(args, report) -> int:
 
     out = Path(args.out)
     manifest = load_manifest(args.dataset, allow_outside_paths=args.allow_outside_paths)
+    # Checked before the lock and the folder are touched: a bad parent changes nothing.
+    finetune = _prepare_finetune(args, manifest, out) if args.init_from else None
     if args.dry_run:
-        return _dry_run(args, out)
+        return _dry_run(args, out, finetune)
     # The lock comes before anything touches the folder: --overwrite never deletes a folder in use.
     with FolderLock(out, report) as lock:
-        return _train_locked(args, report, manifest, out, lock)
+        return _train_locked(args, report, manifest, out, lock, finetune)
 
 
-def _train_locked(args, report, manifest, out, lock) -> int:
+def _prepare_finetune(args, manifest, out: Path):
+    from .train.finetune import prepare_finetune
+
+    if args.resume:
+        raise LtudaError("--init-from and --resume do not go together", out,
+                         "--resume continues the run in --out (a fine-tune keeps its parent); leave one out.")
+    if Path(args.init_from).resolve() == out.resolve():
+        raise LtudaError("--init-from and --out are the same folder", out,
+                         "Write the continued model to a new folder (the parent stays as it is).")
+    overrides = {k: getattr(args, k) for k in TRAIN_SETTINGS}
+    overrides.update(method=args.method, device=args.device)
+    config, state, family = prepare_finetune(args.init_from, manifest, overrides, preset=args.preset)
+    _check_config(config)
+    return config, state, family
+
+
+def _train_locked(args, report, manifest, out, lock, finetune=None) -> int:
     from .train.config import TrainConfig
-    from .train.trainer import CONFIG, Trainer, safe_json
+    from .train.finetune import LINEAGE, LineageTrainer, dataset_labels
+    from .train.trainer import CONFIG, safe_json
 
     _prepare_out_dir(out, args.overwrite, args.resume)
+    init_state = None
     if args.resume:
         config = TrainConfig.from_json(safe_json(out / CONFIG).get("config", {}))
         config.device = args.device
+    elif finetune is not None:
+        config, init_state, _ = finetune
     else:
         config = _config_from_args(args)
     files = file_reporter(out / "progress.jsonl", out / "train.log")
     for notice in lock.notices:
         files.log(notice)
     run_report = TeeReporter(report, files)
-    result = Trainer(manifest, out, config, run_report, cache_dir=args.cache_dir, resume=args.resume).run()
+    extra = {"dataset_labels": dataset_labels(manifest)}
+    if (config.extra or {}).get(LINEAGE):
+        extra[LINEAGE] = config.extra[LINEAGE]
+    result = LineageTrainer(manifest, out, config, run_report, cache_dir=args.cache_dir, resume=args.resume,
+                            init_state=init_state, extra_metadata=extra).run()
     run_report.emit("done", status=result["status"], model_dir=str(out), mean_dice=result["mean_dice"])
     return 0 if result["status"] == "completed" else EXIT_STOPPED
 
@@ -223,6 +253,10 @@ def _config_from_args(args):
     preset = args.preset or ("paper" if pick_device(args.device).type == "cuda" else "fast")
     config = make_config(preset, method=args.method, device=args.device,
                          **{k: getattr(args, k) for k in TRAIN_SETTINGS})
+    return _check_config(config)
+
+
+def _check_config(config):
     if config.image_size % 16:
         raise LtudaError(f"--image-size {config.image_size} is not a multiple of 16", fix="Use e.g. 64, 128 or 256.")
     if not 0.0 <= config.pseudo_uncertain_below <= 0.5:
@@ -236,7 +270,7 @@ def _config_from_args(args):
     return config
 
 
-def _dry_run(args, out: Path) -> int:
+def _dry_run(args, out: Path, finetune=None) -> int:
     """Check the dataset and print what a run would use, as one JSON object; write nothing."""
     import json
 
@@ -247,7 +281,7 @@ def _dry_run(args, out: Path) -> int:
     manifest, problems = check_dataset(args.dataset, allow_outside_paths=args.allow_outside_paths)
     if problems:
         raise ManifestProblems(problems)
-    config = _config_from_args(args)
+    config = finetune[0] if finetune else _config_from_args(args)
     network = LTUDANet(network_config(config, len(manifest.classes)))
     print(json.dumps({"dataset": str(manifest.path), "out": str(out), "classes": [c["name"] for c in manifest.classes],
                       "cases": {s: len(manifest.split(s)) for s in ("train", "val", "test")},
