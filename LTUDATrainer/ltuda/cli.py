@@ -131,6 +131,7 @@ def _build_parser() -> argparse.ArgumentParser:
     suggest.add_argument("--head", default="auto", help="auto, linear, proto-labeled or proto-unlabeled")
     suggest.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     suggest.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
+    suggest.add_argument("--allow-outside-paths", action="store_true", help="accept files outside the dataset folder")
     _add_progress(suggest)
 
     evaluate = sub.add_parser("evaluate", help="3D Dice and HD95 (mm) of predictions against ground truth")
@@ -309,7 +310,8 @@ def cmd_suggest(args, report) -> int:
     from .suggest import run_suggestion
     case_ids = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     summary = run_suggestion(args.model, args.dataset, args.out, case_ids=case_ids, device=args.device,
-                             score=args.score, head=args.head, batch_size=args.batch_size, report=report)
+                             score=args.score, head=args.head, batch_size=args.batch_size, report=report,
+                             allow_outside_paths=args.allow_outside_paths)
     report.log(f"{summary['cases']} case(s) lack organs: {summary['done']} done, {summary['skipped']} already done, "
                f"{len(summary['failed'])} failed; {summary['rows']} row(s) in {summary['suggestions']}")
     for failure in summary["failed"]:

@@ -188,13 +188,13 @@ def _score_of(row, score):
 
 
 def run_suggestion(model_dir, dataset, out_dir, case_ids=None, device="auto", score=None, head="auto",
-                   batch_size=None, report=None, claim_timeout=DEFAULT_TIMEOUT_S) -> dict:
+                   batch_size=None, report=None, claim_timeout=DEFAULT_TIMEOUT_S, allow_outside_paths=False) -> dict:
     """Proposals and suggestions.json (see the module docstring); returns a summary like predict's."""
     report = report or SilentReporter()
     score = score or DEFAULT_SCORE
     if score not in SCORES:
         raise LtudaError(f"unknown score '{score}'", fix=f"Choose one of: {', '.join(SCORES)}.")
-    manifest = load_manifest(dataset)
+    manifest = load_manifest(dataset, allow_outside_paths=allow_outside_paths)
     out = Path(out_dir)
     predictor = ScoringPredictor(model_dir, head, device, batch_size, report=report)
     model_names = [c["name"] for c in predictor.classes]
