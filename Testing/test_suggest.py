@@ -337,3 +337,34 @@ def test_annotation_loop_benchmark_smoke(tmp_path):
     for fraction in doc["voxels_changed_fraction"].values():
         assert fraction >= 0.0
     assert "| random |" in (tmp_path / "results" / "annotation_loop.md").read_text()
+
+
+def test_suggest_stops_on_a_stop_file_and_a_rerun_finishes(tiny_dataset, tiny_model, tmp_path):
+    from ltuda.progress import Reporter
+    from ltuda.suggest import run_suggestion
+
+    out = tmp_path / "proposals"
+
+    class StopAfterFirstCase(Reporter):
+        """Asks for a stop (OUT/STOP, as the module's Cancel may) once the first case is written."""
+
+        def __init__(self):
+            super().__init__()
+            self.events = []
+
+        def emit(self, event, **fields):
+            self.events.append((event, fields))
+            if event == "case":
+                (out / "STOP").write_text("")
+
+        def log(self, text):
+            pass
+
+    report = StopAfterFirstCase()
+    summary = run_suggestion(tiny_model, tiny_dataset, out, report=report, allow_outside_paths=True)
+    assert summary["status"] == "cancelled" and summary["done"] == 1
+    assert report.events[-1][0] == "done" and report.events[-1][1]["status"] == "cancelled"
+    assert len(list(out.glob("*.seg.nrrd"))) == 1 and not (out / "STOP").exists()
+    assert len(json.loads((out / "suggestions.json").read_text())["rows"]) == 4 - len(load_manifest(tiny_dataset).split("train")[0].labeled)
+    again = run_suggestion(tiny_model, tiny_dataset, out, allow_outside_paths=True)
+    assert again["status"] == "completed" and again["skipped"] == 1 and again["done"] == again["cases"] - 1

@@ -83,12 +83,12 @@ class ScoringPredictor(Predictor):
                                align_corners=False)
         return scores, scores.max(dim=1).indices
 
-    def _count(self, labels, other, prefix):
+    def _count(self, add: dict, labels, other, prefix):
         """Per class: voxels of `other`'s organ, and voxels both call the organ (for a Dice)."""
         n = len(self.classes) + 1
-        self.sums[f"{prefix}_size"] += torch.bincount(other.flatten(), minlength=n).double()
+        add[f"{prefix}_size"] = torch.bincount(other.flatten(), minlength=n).double()
         both = torch.where(labels == other, labels, torch.zeros_like(labels))
-        self.sums[f"{prefix}_both"] += torch.bincount(both.flatten(), minlength=n).double()
+        add[f"{prefix}_both"] = torch.bincount(both.flatten(), minlength=n).double()
 
     def _segment_slices(self, chunk: np.ndarray, height: int, width: int) -> np.ndarray:
         x = resize_slices(normalise_hu(torch.from_numpy(chunk).to(self.device), self.prep.hu_window),
@@ -99,18 +99,23 @@ class ScoringPredictor(Predictor):
             shifted = self.net(torch.roll(x, (shift, shift), dims=(-2, -1))[:, None], heads=(self.head,))
         scores, labels = self._labels(out, self.head, height, width)
         n = len(self.classes) + 1
+        add = {key: torch.zeros(n, dtype=torch.float64, device=self.device) for key in ("entropy", "region")}
         # Entropy of each organ's own probability, over the organ and the voxels unsure about it.
         organ = scores[:, 1:].float()
         entropy = binary_entropy(organ)
         region = (entropy > UNSURE_ENTROPY) | (labels[:, None] == torch.arange(1, n, device=labels.device)[:, None, None])
-        self.sums["entropy"][1:] += (entropy * region).sum(dim=(0, 2, 3)).double()
-        self.sums["region"][1:] += region.sum(dim=(0, 2, 3)).double()
-        self.sums["size"] += torch.bincount(labels.flatten(), minlength=n).double()
+        add["entropy"][1:] = (entropy * region).sum(dim=(0, 2, 3)).double()
+        add["region"][1:] = region.sum(dim=(0, 2, 3)).double()
+        add["size"] = torch.bincount(labels.flatten(), minlength=n).double()
         for head in self.other_heads:
-            self._count(labels, self._labels(out, head, height, width)[1], head)
+            self._count(add, labels, self._labels(out, head, height, width)[1], head)
         back = torch.roll(shifted[self.head], (-shift, -shift), dims=(-2, -1))
-        self._count(labels, self._labels({self.head: back}, self.head, height, width)[1], "shift")
-        return labels.to(torch.uint8).cpu().numpy()
+        self._count(add, labels, self._labels({self.head: back}, self.head, height, width)[1], "shift")
+        result = labels.to(torch.uint8).cpu().numpy()
+        # Only now: a pass that ran out of memory above is redone by segment() and must not count twice.
+        for key, value in add.items():
+            self.sums[key] += value
+        return result
 
     def uncertainties(self, value: int) -> dict:
         """{score: uncertainty in [0, 1]} of one organ (class value) of the last case segmented."""
