@@ -35,8 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import FIRST_SEED, PHANTOM_SEED, paired_test, score  # noqa: E402  (reused, not copied)
 
 ORGANS = ("liver", "spleen", "kidney", "pancreas")
-SCORE_STRATEGIES = ("entropy", "heads", "shift")
-STRATEGIES = ("uncertainty", "random", "largest") + SCORE_STRATEGIES
+SCORE_NAMES = ("entropy", "heads", "shift", "error")
+# strategy -> (suggest's score, order); "uncertainty" is suggest's default (filled in main)
+STRATEGY_SPECS = {"largest": ("volume", "score"),
+                  **{name: (name, "score") for name in SCORE_NAMES},
+                  **{f"{name}-balanced": (name, "balanced") for name in SCORE_NAMES}}
+STRATEGIES = ("uncertainty", "random") + tuple(STRATEGY_SPECS)
 
 
 def loop_manifest(phantom_manifest, labelled: dict, path: Path) -> Path:
@@ -67,14 +71,16 @@ def _effort(suggest_dir: Path, row: dict, truth_path: Path) -> tuple:
 
 
 def order_rows(rows, strategy: str, default_score: str, rng) -> list:
+    """The strategy's review order, ranked by suggest's own rank_rows (the product's order)."""
+    from ltuda.suggest import default_order, rank_rows
+
     if strategy == "random":
         return [rows[i] for i in rng.permutation(len(rows))]
-    if strategy == "largest":
-        return sorted(rows, key=lambda r: -r["volume_ml"])
-    name = default_score if strategy == "uncertainty" else strategy
-    if name == "volume":
-        return sorted(rows, key=lambda r: -r["volume_ml"])
-    return sorted(rows, key=lambda r: (-r["uncertainties"][name], -r["volume_ml"]))
+    score_name, order = (default_score, default_order(default_score)) if strategy == "uncertainty" \
+        else STRATEGY_SPECS[strategy]
+    scored = [{**r, "score": r["volume_ml"] if score_name == "volume" else r["uncertainties"][score_name]}
+              for r in rows]
+    return rank_rows(scored, score_name, order)
 
 
 def train_initial(manifest_path: Path, out: Path, seed: int, settings: dict, cache: Path):
@@ -127,14 +133,16 @@ def ranking_quality(rows, k: int, default_score: str, seed: int) -> dict:
     total = sum(r["changed"] for r in rows) or 1
     changed = [r["changed"] for r in rows]
     out = {}
-    for name in ("entropy", "heads", "shift", "volume", "random"):
+    for name in ("uncertainty", "random") + tuple(STRATEGY_SPECS):
         rng = np.random.default_rng(seed)
-        ordered = order_rows(rows, "largest" if name == "volume" else name, default_score, rng)
-        values = [r["volume_ml"] for r in rows] if name == "volume" else \
-            (list(rng.random(len(rows))) if name == "random" else [r["uncertainties"][name] for r in rows])
+        ordered = order_rows(rows, name, default_score, rng)
+        score_name = default_score if name == "uncertainty" else STRATEGY_SPECS.get(name, ("random",))[0]
+        values = [r["volume_ml"] for r in rows] if score_name == "volume" else \
+            (list(rng.random(len(rows))) if score_name == "random" else [r["uncertainties"][score_name] for r in rows])
         rho = stats.spearmanr(values, changed).correlation if len(rows) > 2 else float("nan")
         out[name] = {"top_k_share_of_correction": sum(r["changed"] for r in ordered[:k]) / total,
-                     "spearman_with_voxels_to_fix": float(rho)}
+                     "spearman_with_voxels_to_fix": float(rho),
+                     "organs_in_top_k": sorted({r["organ"] for r in ordered[:k]})}
     best = sorted(rows, key=lambda r: -r["changed"])
     out["best_possible"] = {"top_k_share_of_correction": sum(r["changed"] for r in best[:k]) / total}
     return out
@@ -257,18 +265,19 @@ def _mean_quality(per_seed_meta: dict) -> dict:
         return {}
     out = {}
     for name in runs[0]:
-        out[name] = {key: float(np.nanmean([r[name][key] for r in runs])) for key in runs[0][name]}
+        out[name] = {key: float(np.nanmean([r[name][key] for r in runs])) for key in runs[0][name]
+                     if key != "organs_in_top_k"}
     return out
 
 
 def main(argv=None):
-    from ltuda.suggest import DEFAULT_SCORE
+    from ltuda.suggest import DEFAULT_SCORE, default_order
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reviews", type=int, default=4, help="reviews per round (k)")
-    parser.add_argument("--strategies", default="uncertainty,random,largest",
+    parser.add_argument("--strategies", default="uncertainty,random,largest,entropy,error-balanced",
                         help=f"comma-separated, from {','.join(STRATEGIES)}")
     parser.add_argument("--cases-per-site", type=int, default=3)
     parser.add_argument("--test-cases", type=int, default=3)
@@ -314,6 +323,7 @@ def main(argv=None):
         strategies = summarise(per_seed, args.strategies, seeds)
         doc = {"command": command.strip(), "complete": complete, "seeds": seeds, "rounds": args.rounds,
                "reviews_per_round": args.reviews, "default_score": args.default_score,
+               "default_order": default_order(args.default_score),
                "settings": {"initial": args.initial_settings, "phantoms": {**phantom_size, "layout": "toy",
                             "seed": PHANTOM_SEED}, "fine_tune": "train --init-from defaults (a quarter of the epochs)"},
                "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

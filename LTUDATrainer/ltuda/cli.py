@@ -1,4 +1,4 @@
-"""The `ltuda` command: dataset check, train, predict, evaluate, phantoms, demo.
+"""The `ltuda` command: dataset check, train (also --init-from), predict, suggest, evaluate, phantoms, demo.
 
 Every failure a user can cause ends in one readable message and exit code 1, never a traceback
 (set LTUDA_DEBUG=1 to see one); with `--progress jsonl` it is also the stream's final `error` event.
@@ -126,8 +126,11 @@ def _build_parser() -> argparse.ArgumentParser:
     suggest.add_argument("--dataset", required=True, help="dataset.json or the folder holding it")
     suggest.add_argument("--out", required=True, help="folder for <case>.seg.nrrd proposals and suggestions.json")
     suggest.add_argument("--cases", default=None, metavar="ID[,ID...]", help="only these case ids (default: every training case)")
-    suggest.add_argument("--score", choices=("entropy", "heads", "shift", "volume"), default=None,
-                         help="what ranks the rows (default: entropy, chosen by benchmarks/annotation_loop.py)")
+    suggest.add_argument("--score", choices=("entropy", "heads", "shift", "error", "volume"), default=None,
+                         help="what ranks the rows (default: chosen by benchmarks/annotation_loop.py)")
+    suggest.add_argument("--order", choices=("balanced", "score"), default=None,
+                         help="balanced: every organ's most uncertain row first, then every organ's second ...; "
+                              "score: by the score alone (default: balanced, score for --score volume)")
     suggest.add_argument("--head", default="auto", help="auto, linear, proto-labeled or proto-unlabeled")
     suggest.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     suggest.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
@@ -310,7 +313,7 @@ def cmd_suggest(args, report) -> int:
     from .suggest import run_suggestion
     case_ids = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     summary = run_suggestion(args.model, args.dataset, args.out, case_ids=case_ids, device=args.device,
-                             score=args.score, head=args.head, batch_size=args.batch_size, report=report,
+                             score=args.score, order=args.order, head=args.head, batch_size=args.batch_size, report=report,
                              allow_outside_paths=args.allow_outside_paths)
     report.log(f"{summary['cases']} case(s) lack organs: {summary['done']} done, {summary['skipped']} already done, "
                f"{len(summary['failed'])} failed; {summary['rows']} row(s) in {summary['suggestions']}")

@@ -10,7 +10,12 @@ one that ranks, `benchmarks/annotation_loop.py` compares them):
 - entropy: mean binary entropy of the organ's probability over the predicted organ and its unsure border;
 - heads:   1 - Dice between the default head's organ and the other two heads' (linear vs prototypes);
 - shift:   1 - Dice between the organ and the organ predicted from a shifted copy of each slice;
+- error:   the voxels the model itself expects to be wrong (sum of 1 - p inside the organ and p outside,
+           over the organ and the voxels with p > 0.05), as a fraction of the organ's expected volume;
 - volume:  the predicted volume in ml (largest first): the baseline a person would use.
+Order (`--order`): "balanced" (default for the uncertainty scores) takes each organ's most uncertain
+row, then each organ's second, ... (ties by score), so that the first reviews cover every organ
+instead of one weak organ in every case; "score" sorts by the score alone.
 A proposal that is empty (the model found nothing) gets uncertainty 1 under every score: someone has
 to draw that organ.
 
@@ -49,13 +54,15 @@ SCHEMA = "ltuda-suggestions/1"
 SUGGESTIONS = "suggestions.json"
 STATUS_TAG = "LTUDA.status"
 PROPOSED = "proposed"
-SCORES = ("entropy", "heads", "shift", "volume")
+SCORES = ("entropy", "heads", "shift", "error", "volume")
+ORDERS = ("balanced", "score")
 # Chosen by benchmarks/annotation_loop.py (results/annotation_loop.md): the score whose ranking puts
 # the most correction work first on the phantoms.
 DEFAULT_SCORE = "entropy"
 # NRRD header field of a proposal file: its rows and what made them (for resume).
 HEADER_FIELD = "LTUDA_Suggestion"
 UNSURE_ENTROPY = 0.1  # bits: a voxel this unsure of the organ belongs to its border region
+POSSIBLE = 0.05  # probability above which a voxel outside the organ counts towards its expected error
 
 
 class SuggestStopped(Exception):
@@ -73,7 +80,8 @@ class ScoringPredictor(Predictor):
     def start_case(self):
         n = len(self.classes) + 1
         zeros = lambda: torch.zeros(n, dtype=torch.float64, device=self.device)  # noqa: E731
-        self.sums = {key: zeros() for key in ("entropy", "region", "size", "shift_size", "shift_both")}
+        self.sums = {key: zeros() for key in ("entropy", "region", "size", "shift_size", "shift_both", "wrong",
+                                              "expected")}
         self.other_heads = [h for h in HEADS if h != self.head]
         for head in self.other_heads:
             self.sums[f"{head}_size"], self.sums[f"{head}_both"] = zeros(), zeros()
@@ -99,7 +107,8 @@ class ScoringPredictor(Predictor):
             shifted = self.net(torch.roll(x, (shift, shift), dims=(-2, -1))[:, None], heads=(self.head,))
         scores, labels = self._labels(out, self.head, height, width)
         n = len(self.classes) + 1
-        add = {key: torch.zeros(n, dtype=torch.float64, device=self.device) for key in ("entropy", "region")}
+        add = {key: torch.zeros(n, dtype=torch.float64, device=self.device)
+               for key in ("entropy", "region", "wrong", "expected")}
         # Entropy of each organ's own probability, over the organ and the voxels unsure about it.
         organ = scores[:, 1:].float()
         entropy = binary_entropy(organ)
@@ -107,6 +116,11 @@ class ScoringPredictor(Predictor):
         add["entropy"][1:] = (entropy * region).sum(dim=(0, 2, 3)).double()
         add["region"][1:] = region.sum(dim=(0, 2, 3)).double()
         add["size"] = torch.bincount(labels.flatten(), minlength=n).double()
+        # Expected wrong voxels under the model's own probabilities, and the organ's expected volume.
+        inside = labels[:, None] == torch.arange(1, n, device=labels.device)[:, None, None]
+        wrong = torch.where(inside, 1 - organ, torch.where(organ > POSSIBLE, organ, torch.zeros_like(organ)))
+        add["wrong"][1:] = wrong.sum(dim=(0, 2, 3)).double()
+        add["expected"][1:] = torch.where(organ > POSSIBLE, organ, torch.zeros_like(organ)).sum(dim=(0, 2, 3)).double()
         for head in self.other_heads:
             self._count(add, labels, self._labels(out, head, height, width)[1], head)
         back = torch.roll(shifted[self.head], (-shift, -shift), dims=(-2, -1))
@@ -129,6 +143,7 @@ class ScoringPredictor(Predictor):
             "entropy": float(s["entropy"][value] / s["region"][value]) if s["region"][value] else 0.0,
             "heads": float(np.mean([disagreement(h) for h in self.other_heads])),
             "shift": disagreement("shift"),
+            "error": float(min(1.0, s["wrong"][value] / s["expected"][value])) if s["expected"][value] else 1.0,
         }
 
 
@@ -182,9 +197,20 @@ def _missing_organs(case, model_classes):
     return [c for c in model_classes if c["name"] not in case.labeled]
 
 
-def rank_rows(rows, score: str) -> list:
-    """Rows sorted by their score (highest first; ties: larger volume, then case and organ), ranked 1..n."""
+def default_order(score: str) -> str:
+    return "score" if score == "volume" else "balanced"
+
+
+def rank_rows(rows, score: str, order: str = None) -> list:
+    """Rows ranked 1..n: by score (highest first; ties: larger volume, then case and organ), or "balanced":
+    every organ's best row first, then every organ's second, ... (within a tier by score)."""
     ordered = sorted(rows, key=lambda r: (-r["score"], -r["volume_ml"], r["case"], r["organ"]))
+    if (order or default_order(score)) == "balanced":
+        seen, tiers = {}, []
+        for row in ordered:
+            tiers.append(seen.get(row["organ"], 0))
+            seen[row["organ"]] = tiers[-1] + 1
+        ordered = [row for _, _, row in sorted(zip(tiers, range(len(ordered)), ordered), key=lambda t: t[:2])]
     return [{**row, "rank": i + 1} for i, row in enumerate(ordered)]
 
 
@@ -192,13 +218,16 @@ def _score_of(row, score):
     return row["volume_ml"] if score == "volume" else row["uncertainties"][score]
 
 
-def run_suggestion(model_dir, dataset, out_dir, case_ids=None, device="auto", score=None, head="auto",
+def run_suggestion(model_dir, dataset, out_dir, case_ids=None, device="auto", score=None, order=None, head="auto",
                    batch_size=None, report=None, claim_timeout=DEFAULT_TIMEOUT_S, allow_outside_paths=False) -> dict:
     """Proposals and suggestions.json (see the module docstring); returns a summary like predict's."""
     report = report or SilentReporter()
     score = score or DEFAULT_SCORE
     if score not in SCORES:
         raise LtudaError(f"unknown score '{score}'", fix=f"Choose one of: {', '.join(SCORES)}.")
+    order = order or default_order(score)
+    if order not in ORDERS:
+        raise LtudaError(f"unknown order '{order}'", fix=f"Choose one of: {', '.join(ORDERS)}.")
     manifest = load_manifest(dataset, allow_outside_paths=allow_outside_paths)
     out = Path(out_dir)
     predictor = ScoringPredictor(model_dir, head, device, batch_size, report=report)
@@ -228,9 +257,7 @@ def run_suggestion(model_dir, dataset, out_dir, case_ids=None, device="auto", sc
     done, failed, seconds, outcomes = [], [], [], {}
 
     def current(target, organs):
-        record = read_proposal_header(target) if target.is_file() else None
-        return record is not None and record.get("model_sha256") == sha and \
-            [r["organ"] for r in record.get("rows", [])] == [o["name"] for o in organs]
+        return _current_record(target, organs, sha) is not None
 
     def attempt(index, case, organs):
         target = out / f"{case.id}.seg.nrrd"
@@ -290,8 +317,9 @@ def run_suggestion(model_dir, dataset, out_dir, case_ids=None, device="auto", sc
     # Every training case's current proposal counts, also those made by earlier runs with other --cases.
     everything = {c.id: c for c in manifest.cases if c.split != "test"}
     everything.update({c.id: c for c in cases})
-    rows = collect_rows(out, [(c, _missing_organs(c, predictor.classes)) for c in everything.values()], sha, score)
-    suggestions = write_suggestions(out, rows, predictor.model_dir, sha, manifest.path, score)
+    rows = collect_rows(out, [(c, _missing_organs(c, predictor.classes)) for c in everything.values()], sha, score,
+                        order)
+    suggestions = write_suggestions(out, rows, predictor.model_dir, sha, manifest.path, score, order)
     summary = {"cases": len(jobs), "done": len(done),
                "skipped": sum(o == "skipped" for o in outcomes.values()),
                "busy": sum(o == "busy" for o in outcomes.values()), "failed": failed, "outputs": done,
@@ -324,15 +352,26 @@ def _propose(predictor, case, organs, target: Path, sha: str, on_fraction):
                    fields={HEADER_FIELD: json.dumps(record, separators=(",", ":"))})
 
 
-def collect_rows(out: Path, jobs, sha: str, score: str) -> list:
+def _current_record(target: Path, organs, sha: str):
+    """The file's record when it is current: this model's weights, exactly these organs, every score."""
+    record = read_proposal_header(target) if target.is_file() else None
+    if record is None or record.get("model_sha256") != sha:
+        return None
+    rows = record.get("rows", [])
+    if [r.get("organ") for r in rows] != [o["name"] for o in organs]:
+        return None
+    wanted = [k for k in SCORES if k != "volume"]
+    if not all(isinstance(r.get("uncertainties"), dict) and all(k in r["uncertainties"] for k in wanted) for r in rows):
+        return None  # written by an older version without some score: redo it
+    return record
+
+
+def collect_rows(out: Path, jobs, sha: str, score: str, order: str = None) -> list:
     """The rows of every case whose proposal file is current (this run's or an earlier one's), ranked."""
     rows = []
     for case, organs in jobs:
-        target = out / f"{case.id}.seg.nrrd"
-        record = read_proposal_header(target) if target.is_file() else None
-        if record is None or record.get("model_sha256") != sha:
-            continue
-        if [r["organ"] for r in record.get("rows", [])] != [o["name"] for o in organs]:
+        record = _current_record(out / f"{case.id}.seg.nrrd", organs, sha)
+        if record is None:
             continue
         for row in record["rows"]:
             value = _score_of(row, score)
@@ -340,17 +379,17 @@ def collect_rows(out: Path, jobs, sha: str, score: str) -> list:
                          "volume_ml": row["volume_ml"],
                          "uncertainty": row["uncertainties"][score if score != "volume" else "entropy"],
                          "score": value, "uncertainties": row["uncertainties"], "segmentation": row["segmentation"]})
-    return rank_rows(rows, score)
+    return rank_rows(rows, score, order)
 
 
-def write_suggestions(out: Path, rows, model_dir, sha, dataset, score) -> Path:
+def write_suggestions(out: Path, rows, model_dir, sha, dataset, score, order) -> Path:
     from .model.store import atomic_write_json
 
     ordered = [{"rank": r["rank"], "case": r["case"], "organ": r["organ"], "label_value": r["label_value"],
                 "volume_ml": r["volume_ml"], "uncertainty": r["uncertainty"], "score": r["score"],
                 "segmentation": r["segmentation"], "uncertainties": r["uncertainties"]} for r in rows]
     doc = {"schema": SCHEMA, "model": str(Path(model_dir).absolute()), "model_sha256": sha,
-           "dataset": str(Path(dataset).absolute()), "score": score, "rows": ordered}
+           "dataset": str(Path(dataset).absolute()), "score": score, "order": order, "rows": ordered}
     path = out / SUGGESTIONS
     atomic_write_json(doc, path, "suggestion list")
     return path
