@@ -139,7 +139,9 @@ def test_suggestions_json_is_ranked_with_one_row_per_missing_organ(tiny_dataset,
     out, _ = suggested
     doc = json.loads((out / "suggestions.json").read_text())
     model = json.loads((tiny_model / "model.json").read_text())
-    assert doc["schema"] == "ltuda-suggestions/1" and doc["score"] == "entropy"
+    from ltuda.suggest import DEFAULT_SCORE, run_suggestion
+
+    assert doc["schema"] == "ltuda-suggestions/1" and doc["score"] == DEFAULT_SCORE and doc["order"] == "balanced"
     assert doc["model_sha256"] == model["weights_sha256"]
     assert Path(doc["model"]) == tiny_model.absolute() and Path(doc["dataset"]) == Path(tiny_dataset).absolute()
     manifest = load_manifest(tiny_dataset)
@@ -148,17 +150,31 @@ def test_suggestions_json_is_ranked_with_one_row_per_missing_organ(tiny_dataset,
     assert {(r["case"], r["organ"]) for r in rows} == expected and len(rows) == len(expected)
     assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
     assert all(ROW_KEYS <= set(r) for r in rows)
-    scores = [r["score"] for r in rows]
-    assert scores == sorted(scores, reverse=True)
+    # balanced: every organ's best row, then every organ's second ...; within each organ by score
+    tiers = [sum(o["organ"] == r["organ"] for o in rows[:i]) for i, r in enumerate(rows)]
+    assert tiers == sorted(tiers)
+    for organ in manifest.class_names:
+        scores = [r["score"] for r in rows if r["organ"] == organ]
+        assert scores == sorted(scores, reverse=True)
     values = {c["name"]: c["value"] for c in manifest.classes}
     for row in rows:
         assert row["label_value"] == values[row["organ"]] and row["segmentation"] == f"{row['case']}.seg.nrrd"
-        assert 0.0 <= row["uncertainty"] <= 1.0 and row["score"] == row["uncertainty"] == row["uncertainties"]["entropy"]
-        assert set(row["uncertainties"]) == {"entropy", "heads", "shift"}
+        assert 0.0 <= row["uncertainty"] <= 1.0 and row["score"] == row["uncertainty"] == row["uncertainties"][doc["score"]]
+        assert set(row["uncertainties"]) == {"entropy", "heads", "shift", "error"}
         voxels = slicerio.read_segmentation(str(out / row["segmentation"]))["voxels"]
         image = sitk.ReadImage(str(next(c.image for c in manifest.cases if c.id == row["case"])))
         volume = np.count_nonzero(voxels == row["label_value"]) * np.prod(image.GetSpacing()) / 1000
         assert row["volume_ml"] == pytest.approx(volume, abs=1e-3)
+    # Another score or order only re-ranks the same files (nothing is recomputed).
+    summary = run_suggestion(tiny_model, tiny_dataset, out, score="error", order="score")
+    assert summary["done"] == 0 and summary["rows"] == len(rows)
+    again = json.loads((out / "suggestions.json").read_text())
+    assert again["score"] == "error" and again["order"] == "score"
+    scores = [r["score"] for r in again["rows"]]
+    assert scores == sorted(scores, reverse=True) and scores == [r["uncertainties"]["error"] for r in again["rows"]]
+    largest = run_suggestion(tiny_model, tiny_dataset, out, score="volume")
+    volumes = [r["volume_ml"] for r in json.loads((out / "suggestions.json").read_text())["rows"]]
+    assert largest["rows"] == len(rows) and volumes == sorted(volumes, reverse=True)
 
 
 def test_suggest_resumes_redoes_changed_cases_and_skips_fully_labelled_ones(tiny_dataset, tiny_model, suggested,
