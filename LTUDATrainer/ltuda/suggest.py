@@ -12,7 +12,8 @@ one that ranks, `benchmarks/annotation_loop.py` compares them):
 - shift:   1 - Dice between the organ and the organ predicted from a shifted copy of each slice;
 - error:   the voxels the model itself expects to be wrong (sum of 1 - p inside the organ and p outside,
            over the organ and the voxels with p > 0.05), as a fraction of the organ's expected volume;
-- volume:  the predicted volume in ml (largest first): the baseline a person would use.
+- volume:  the predicted volume in ml (largest first): the baseline a person would use;
+- random:  a fixed shuffle (per model), the order of no information.
 Order (`--order`): "balanced" (default for the uncertainty scores) takes each organ's most uncertain
 row, then each organ's second, ... (ties by score), so that the first reviews cover every organ
 instead of one weak organ in every case; "score" sorts by the score alone.
@@ -54,7 +55,8 @@ SCHEMA = "ltuda-suggestions/1"
 SUGGESTIONS = "suggestions.json"
 STATUS_TAG = "LTUDA.status"
 PROPOSED = "proposed"
-SCORES = ("entropy", "heads", "shift", "error", "volume")
+SCORES = ("entropy", "heads", "shift", "error", "volume", "random")
+COMPUTED = ("entropy", "heads", "shift", "error")  # the uncertainties each proposal file records
 ORDERS = ("balanced", "score")
 # Chosen by benchmarks/annotation_loop.py (results/annotation_loop.md): the score whose ranking puts
 # the most correction work first on the phantoms.
@@ -198,7 +200,7 @@ def _missing_organs(case, model_classes):
 
 
 def default_order(score: str) -> str:
-    return "score" if score == "volume" else "balanced"
+    return "score" if score in ("volume", "random") else "balanced"
 
 
 def rank_rows(rows, score: str, order: str = None) -> list:
@@ -214,8 +216,13 @@ def rank_rows(rows, score: str, order: str = None) -> list:
     return [{**row, "rank": i + 1} for i, row in enumerate(ordered)]
 
 
-def _score_of(row, score):
-    return row["volume_ml"] if score == "volume" else row["uncertainties"][score]
+def _score_of(row, score, sha=""):
+    if score == "volume":
+        return row["volume_ml"]
+    if score == "random":  # a fixed shuffle per model: the same order on every rerun
+        digest = hashlib.sha256(f"{sha}/{row['case']}/{row['organ']}".encode()).digest()
+        return int.from_bytes(digest[:6], "big") / 2.0 ** 48
+    return row["uncertainties"][score]
 
 
 def run_suggestion(model_dir, dataset, out_dir, case_ids=None, device="auto", score=None, order=None, head="auto",
@@ -343,7 +350,7 @@ def _propose(predictor, case, organs, target: Path, sha: str, on_fraction):
     rows = []
     for organ in organs:
         volume = float(np.count_nonzero(labels == organ["value"])) * voxel_ml
-        values = predictor.uncertainties(organ["value"]) if volume > 0 else {k: 1.0 for k in SCORES if k != "volume"}
+        values = predictor.uncertainties(organ["value"]) if volume > 0 else {k: 1.0 for k in COMPUTED}
         rows.append({"case": case.id, "organ": organ["name"], "label_value": int(organ["value"]),
                      "volume_ml": round(volume, 3), "uncertainties": {k: round(v, 6) for k, v in values.items()},
                      "segmentation": target.name})
@@ -360,7 +367,7 @@ def _current_record(target: Path, organs, sha: str):
     rows = record.get("rows", [])
     if [r.get("organ") for r in rows] != [o["name"] for o in organs]:
         return None
-    wanted = [k for k in SCORES if k != "volume"]
+    wanted = COMPUTED
     if not all(isinstance(r.get("uncertainties"), dict) and all(k in r["uncertainties"] for k in wanted) for r in rows):
         return None  # written by an older version without some score: redo it
     return record
@@ -374,10 +381,10 @@ def collect_rows(out: Path, jobs, sha: str, score: str, order: str = None) -> li
         if record is None:
             continue
         for row in record["rows"]:
-            value = _score_of(row, score)
+            value = _score_of(row, score, sha)
             rows.append({"case": row["case"], "organ": row["organ"], "label_value": row["label_value"],
                          "volume_ml": row["volume_ml"],
-                         "uncertainty": row["uncertainties"][score if score != "volume" else "entropy"],
+                         "uncertainty": row["uncertainties"][score if score in COMPUTED else "entropy"],
                          "score": value, "uncertainties": row["uncertainties"], "segmentation": row["segmentation"]})
     return rank_rows(rows, score, order)
 
