@@ -148,6 +148,13 @@ def ranking_quality(rows, k: int, default_score: str, seed: int) -> dict:
     return out
 
 
+def _completed(model_dir: Path) -> bool:
+    try:
+        return json.loads((model_dir / "model.json").read_text())["training"]["completed"] is True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def run_seed(args, seed, phantoms_path: Path, work: Path, on_chain):
     """The initial model, then each strategy's chain of rounds; on_chain(strategy, record) after each."""
     from ltuda.manifest import load_manifest
@@ -159,7 +166,7 @@ def run_seed(args, seed, phantoms_path: Path, work: Path, on_chain):
     manifest0 = loop_manifest(phantom_manifest, start, phantoms_path.parent / f"loop-seed{seed}-start.json")
     initial = seed_dir / "initial"
     started = time.time()
-    if not (initial / "model.json").is_file():
+    if not _completed(initial):  # a finished initial model (same settings, same seed) is reused
         train_initial(manifest0, initial, seed, args.initial_settings, cache)
     dice0 = score(initial, phantom_manifest, seed_dir / "eval-initial")["mean_dice"]
     rows0 = suggest_rows(initial, manifest0, seed_dir / "suggest-initial", phantom_manifest)
