@@ -314,6 +314,8 @@ def main(argv=None):
         phantom_size = dict(cases_per_site=1, test_cases=1, shape=(32, 32))
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / "work" / "annotation_loop"
+    if args.smoke:
+        work = work / "smoke"  # never reuses (or spoils) a real run's models
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     import torch
