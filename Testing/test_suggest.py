@@ -139,9 +139,10 @@ def test_suggestions_json_is_ranked_with_one_row_per_missing_organ(tiny_dataset,
     out, _ = suggested
     doc = json.loads((out / "suggestions.json").read_text())
     model = json.loads((tiny_model / "model.json").read_text())
-    from ltuda.suggest import DEFAULT_SCORE, run_suggestion
+    from ltuda.suggest import DEFAULT_SCORE, default_order, run_suggestion
 
-    assert doc["schema"] == "ltuda-suggestions/1" and doc["score"] == DEFAULT_SCORE and doc["order"] == "balanced"
+    assert doc["schema"] == "ltuda-suggestions/1" and doc["score"] == DEFAULT_SCORE == "random"  # the benchmark's verdict
+    assert doc["order"] == default_order(DEFAULT_SCORE) == "score"
     assert doc["model_sha256"] == model["weights_sha256"]
     assert Path(doc["model"]) == tiny_model.absolute() and Path(doc["dataset"]) == Path(tiny_dataset).absolute()
     manifest = load_manifest(tiny_dataset)
@@ -150,22 +151,28 @@ def test_suggestions_json_is_ranked_with_one_row_per_missing_organ(tiny_dataset,
     assert {(r["case"], r["organ"]) for r in rows} == expected and len(rows) == len(expected)
     assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
     assert all(ROW_KEYS <= set(r) for r in rows)
-    # balanced: every organ's best row, then every organ's second ...; within each organ by score
-    tiers = [sum(o["organ"] == r["organ"] for o in rows[:i]) for i, r in enumerate(rows)]
-    assert tiers == sorted(tiers)
-    for organ in manifest.class_names:
-        scores = [r["score"] for r in rows if r["organ"] == organ]
-        assert scores == sorted(scores, reverse=True)
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)  # a fixed shuffle
     values = {c["name"]: c["value"] for c in manifest.classes}
     for row in rows:
         assert row["label_value"] == values[row["organ"]] and row["segmentation"] == f"{row['case']}.seg.nrrd"
-        assert 0.0 <= row["uncertainty"] <= 1.0 and row["score"] == row["uncertainty"] == row["uncertainties"][doc["score"]]
+        assert 0.0 <= row["uncertainty"] <= 1.0 and row["uncertainty"] == row["uncertainties"]["entropy"]
         assert set(row["uncertainties"]) == {"entropy", "heads", "shift", "error"}
         voxels = slicerio.read_segmentation(str(out / row["segmentation"]))["voxels"]
         image = sitk.ReadImage(str(next(c.image for c in manifest.cases if c.id == row["case"])))
         volume = np.count_nonzero(voxels == row["label_value"]) * np.prod(image.GetSpacing()) / 1000
         assert row["volume_ml"] == pytest.approx(volume, abs=1e-3)
-    # Another score or order only re-ranks the same files (nothing is recomputed).
+    # Another score or order only re-ranks the same files (nothing is recomputed). Balanced: every organ's
+    # best row, then every organ's second ...; within each organ by score.
+    summary = run_suggestion(tiny_model, tiny_dataset, out, score="entropy")
+    balanced = json.loads((out / "suggestions.json").read_text())
+    assert summary["done"] == 0 and balanced["order"] == "balanced" and len(balanced["rows"]) == len(rows)
+    tiers = [sum(o["organ"] == r["organ"] for o in balanced["rows"][:i]) for i, r in enumerate(balanced["rows"])]
+    assert tiers == sorted(tiers) and tiers[0] == 0 and tiers[-1] > 0
+    for organ in manifest.class_names:
+        scores = [r["score"] for r in balanced["rows"] if r["organ"] == organ]
+        assert scores == sorted(scores, reverse=True)
+        assert all(r["score"] == r["uncertainty"] == r["uncertainties"]["entropy"] for r in balanced["rows"])
     summary = run_suggestion(tiny_model, tiny_dataset, out, score="error", order="score")
     assert summary["done"] == 0 and summary["rows"] == len(rows)
     again = json.loads((out / "suggestions.json").read_text())

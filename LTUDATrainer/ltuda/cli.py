@@ -127,7 +127,8 @@ def _build_parser() -> argparse.ArgumentParser:
     suggest.add_argument("--out", required=True, help="folder for <case>.seg.nrrd proposals and suggestions.json")
     suggest.add_argument("--cases", default=None, metavar="ID[,ID...]", help="only these case ids (default: every training case)")
     suggest.add_argument("--score", choices=("entropy", "heads", "shift", "error", "volume", "random"), default=None,
-                         help="what ranks the rows (default: chosen by benchmarks/annotation_loop.py)")
+                         help="what ranks the rows (default: random, which no uncertainty score beat in "
+                              "benchmarks/annotation_loop.py)")
     suggest.add_argument("--order", choices=("balanced", "score"), default=None,
                          help="balanced: every organ's most uncertain row first, then every organ's second ...; "
                               "score: by the score alone (default: balanced; score for --score volume or random)")
