@@ -348,8 +348,9 @@ def main(argv=None):
     def save(complete: bool):
         strategies = summarise(per_seed, args.strategies, seeds)
         doc = {"command": command.strip(), "complete": complete, "seeds": seeds, "rounds": args.rounds,
-               "reviews_per_round": args.reviews, "default_score": args.default_score,
-               "default_order": default_order(args.default_score),
+               "reviews_per_round": args.reviews,
+               "uncertainty_strategy": dict(zip(("score", "order"), STRATEGY_SPECS["uncertainty"])),
+               "suggest_default": {"score": args.default_score, "order": default_order(args.default_score)},
                "settings": {"initial": args.initial_settings, "phantoms": {**phantom_size, "layout": "toy",
                             "seed": PHANTOM_SEED}, "fine_tune": "train --init-from defaults (a quarter of the epochs)"},
                "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
