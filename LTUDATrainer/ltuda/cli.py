@@ -1,4 +1,4 @@
-"""The `ltuda` command: dataset check, train, predict, evaluate, phantoms, demo.
+"""The `ltuda` command: dataset check, train (also --init-from), predict, suggest, evaluate, phantoms, demo.
 
 Every failure a user can cause ends in one readable message and exit code 1, never a traceback
 (set LTUDA_DEBUG=1 to see one); with `--progress jsonl` it is also the stream's final `error` event.
@@ -48,7 +48,11 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", choices=("fast", "paper"), default=None,
                        help="fast: small network, 64x64 slices, minutes on a CPU; paper: the published setting (GPU). "
                             "Default: paper on a GPU, fast on a CPU")
-    train.add_argument("--method", choices=("ltuda", "cda", "labeled-only", "naive", "marginal-exclusion"), default="ltuda")
+    train.add_argument("--method", choices=("ltuda", "cda", "labeled-only", "naive", "marginal-exclusion"), default=None,
+                       help="default: ltuda (with --init-from: the parent's)")
+    train.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                       help="continue training this model (same network and organs) on the dataset's labels, with a "
+                            "shorter schedule (a quarter of the parent's epochs); model.json records the lineage")
     for flag, kind, text in [
         ("--epochs-stage1", int, "epochs of stage 1 (CDA), or of the single stage of a baseline"),
         ("--epochs-stage2", int, "epochs of stage 2 (PDA)"),
@@ -117,6 +121,23 @@ def _build_parser() -> argparse.ArgumentParser:
                               "life for this long, from a worker on another machine (default 3600)")
     _add_progress(predict)
 
+    suggest = sub.add_parser("suggest", help="propose the organs each training case does not label, ranked for review")
+    suggest.add_argument("--model", required=True, help="model folder")
+    suggest.add_argument("--dataset", required=True, help="dataset.json or the folder holding it")
+    suggest.add_argument("--out", required=True, help="folder for <case>.seg.nrrd proposals and suggestions.json")
+    suggest.add_argument("--cases", default=None, metavar="ID[,ID...]", help="only these case ids (default: every training case)")
+    suggest.add_argument("--score", choices=("entropy", "heads", "shift", "error", "volume", "random"), default=None,
+                         help="what ranks the rows (default: random, which no uncertainty score beat in "
+                              "benchmarks/annotation_loop.py)")
+    suggest.add_argument("--order", choices=("balanced", "score"), default=None,
+                         help="balanced: every organ's most uncertain row first, then every organ's second ...; "
+                              "score: by the score alone (default: balanced; score for --score volume or random)")
+    suggest.add_argument("--head", default="auto", help="auto, linear, proto-labeled or proto-unlabeled")
+    suggest.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    suggest.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
+    suggest.add_argument("--allow-outside-paths", action="store_true", help="accept files outside the dataset folder")
+    _add_progress(suggest)
+
     evaluate = sub.add_parser("evaluate", help="3D Dice and HD95 (mm) of predictions against ground truth")
     from .evaluate import add_arguments as add_evaluate_arguments
     add_evaluate_arguments(evaluate)
@@ -170,25 +191,47 @@ def cmd_train(args, report) -> int:
 
     out = Path(args.out)
     manifest = load_manifest(args.dataset, allow_outside_paths=args.allow_outside_paths)
+    # Checked before the lock and the folder are touched: a bad parent changes nothing.
+    finetune = _prepare_finetune(args, manifest, out) if args.init_from else None
     if args.dry_run:
-        return _dry_run(args, out)
+        return _dry_run(args, out, finetune)
     from .train import distributed
     group = distributed.join(args.device)  # None unless torchrun started several processes
     if group is not None:
-        return _train_distributed(args, report, manifest, out, group)
+        return _train_distributed(args, report, manifest, out, group, finetune)
     # The lock comes before anything touches the folder: --overwrite never deletes a folder in use.
     with FolderLock(out, report) as lock:
-        return _train_locked(args, report, manifest, out, lock)
+        return _train_locked(args, report, manifest, out, lock, finetune)
 
 
-def _train_locked(args, report, manifest, out, lock, group=None) -> int:
+def _prepare_finetune(args, manifest, out: Path):
+    from .train.finetune import prepare_finetune
+
+    if args.resume:
+        raise LtudaError("--init-from and --resume do not go together", out,
+                         "--resume continues the run in --out (a fine-tune keeps its parent); leave one out.")
+    if Path(args.init_from).resolve() == out.resolve():
+        raise LtudaError("--init-from and --out are the same folder", out,
+                         "Write the continued model to a new folder (the parent stays as it is).")
+    overrides = {k: getattr(args, k) for k in TRAIN_SETTINGS}
+    overrides.update(method=args.method, device=args.device)
+    config, state, family = prepare_finetune(args.init_from, manifest, overrides, preset=args.preset)
+    _check_config(config)
+    return config, state, family
+
+
+def _train_locked(args, report, manifest, out, lock, finetune=None, group=None) -> int:
     from .train.config import TrainConfig
-    from .train.trainer import CONFIG, Trainer, safe_json
+    from .train.finetune import LINEAGE, LineageTrainer, dataset_labels
+    from .train.trainer import CONFIG, safe_json
 
     _prepare_out_dir(out, args.overwrite, args.resume)
+    init_state = None
     if args.resume:
         config = TrainConfig.from_json(safe_json(out / CONFIG).get("config", {}))
         config.device = args.device
+    elif finetune is not None:
+        config, init_state, _ = finetune
     else:
         config = _config_from_args(args)
     if group is not None:
@@ -197,15 +240,18 @@ def _train_locked(args, report, manifest, out, lock, group=None) -> int:
     for notice in lock.notices:
         files.log(notice)
     run_report = TeeReporter(report, files)
-    result = Trainer(manifest, out, config, run_report, cache_dir=args.cache_dir, resume=args.resume,
-                     group=group).run()
+    extra = {"dataset_labels": dataset_labels(manifest)}
+    if (config.extra or {}).get(LINEAGE):
+        extra[LINEAGE] = config.extra[LINEAGE]
+    result = LineageTrainer(manifest, out, config, run_report, cache_dir=args.cache_dir, resume=args.resume,
+                            init_state=init_state, extra_metadata=extra, group=group).run()
     if group is not None:
         group.any(False)  # the other ranks exit after rank 0 saved (torchrun ends the job when one exits)
     run_report.emit("done", status=result["status"], model_dir=str(out), mean_dice=result["mean_dice"])
     return 0 if result["status"] == "completed" else EXIT_STOPPED
 
 
-def _train_distributed(args, report, manifest, out, group) -> int:
+def _train_distributed(args, report, manifest, out, group, finetune=None) -> int:
     """One rank of a torchrun job. Rank 0 trains as a single process does (lock, folder, progress
     stream); the others are silent. A failure names the rank it started on."""
     from .progress import SilentReporter
@@ -214,7 +260,7 @@ def _train_distributed(args, report, manifest, out, group) -> int:
         if group.leader:
             from .train.lock import FolderLock
             with FolderLock(out, report) as lock:
-                code = _train_locked(args, report, manifest, out, lock, group)
+                code = _train_locked(args, report, manifest, out, lock, finetune, group)
         else:
             code = _train_follower(args, manifest, out, group, SilentReporter())
     except LtudaError as exc:
@@ -265,6 +311,10 @@ def _config_from_args(args):
     preset = args.preset or ("paper" if pick_device(args.device).type == "cuda" else "fast")
     config = make_config(preset, method=args.method, device=args.device,
                          **{k: getattr(args, k) for k in TRAIN_SETTINGS})
+    return _check_config(config)
+
+
+def _check_config(config):
     if config.image_size % 16:
         raise LtudaError(f"--image-size {config.image_size} is not a multiple of 16", fix="Use e.g. 64, 128 or 256.")
     if not 0.0 <= config.pseudo_uncertain_below <= 0.5:
@@ -278,7 +328,7 @@ def _config_from_args(args):
     return config
 
 
-def _dry_run(args, out: Path) -> int:
+def _dry_run(args, out: Path, finetune=None) -> int:
     """Check the dataset and print what a run would use, as one JSON object; write nothing."""
     import json
 
@@ -289,7 +339,7 @@ def _dry_run(args, out: Path) -> int:
     manifest, problems = check_dataset(args.dataset, allow_outside_paths=args.allow_outside_paths)
     if problems:
         raise ManifestProblems(problems)
-    config = _config_from_args(args)
+    config = finetune[0] if finetune else _config_from_args(args)
     network = LTUDANet(network_config(config, len(manifest.classes)))
     print(json.dumps({"dataset": str(manifest.path), "out": str(out), "classes": [c["name"] for c in manifest.classes],
                       "cases": {s: len(manifest.split(s)) for s in ("train", "val", "test")},
@@ -313,6 +363,21 @@ def cmd_predict(args, report) -> int:
     return 1 if summary["failed"] else 0
 
 
+def cmd_suggest(args, report) -> int:
+    from .suggest import run_suggestion
+    case_ids = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    summary = run_suggestion(args.model, args.dataset, args.out, case_ids=case_ids, device=args.device,
+                             score=args.score, order=args.order, head=args.head, batch_size=args.batch_size, report=report,
+                             allow_outside_paths=args.allow_outside_paths)
+    report.log(f"{summary['cases']} case(s) lack organs: {summary['done']} done, {summary['skipped']} already done, "
+               f"{len(summary['failed'])} failed; {summary['rows']} row(s) in {summary['suggestions']}")
+    for failure in summary["failed"]:
+        report.log(f"  failed: {failure['message']}")
+    if summary["status"] == "cancelled":
+        return EXIT_STOPPED
+    return 1 if summary["failed"] else 0
+
+
 def cmd_evaluate(args, report) -> int:
     from .evaluate import run
     return run(args, report)
@@ -333,7 +398,7 @@ def cmd_demo(args, report) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "phantoms": cmd_phantoms,
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "suggest": cmd_suggest, "evaluate": cmd_evaluate, "phantoms": cmd_phantoms,
             "demo": cmd_demo}
 
 
