@@ -113,17 +113,67 @@ def _as_3d_scalar(image: sitk.Image, path) -> sitk.Image:
     return image
 
 
-def read_image(path) -> sitk.Image:
-    """A 3D scalar image from a volume file or a DICOM series folder (the largest series if several)."""
+class ImageHeader:
+    """What a volume's header promises, read without its voxels: size (x, y, z...) and bytes per voxel."""
+
+    def __init__(self, size, bytes_per_voxel: int, files: list):
+        self.size, self.bytes_per_voxel, self.files = tuple(int(n) for n in size), int(bytes_per_voxel), files
+
+    @property
+    def voxels(self) -> int:
+        return int(np.prod(self.size, dtype=object))
+
+    @property
+    def nbytes(self) -> int:
+        return self.voxels * self.bytes_per_voxel
+
+
+def read_header(path) -> ImageHeader:
+    """The header of a volume file or of a DICOM series folder's largest series (LtudaError if unreadable)."""
     path = Path(path)
     if not path.exists():
         raise LtudaError("file not found", path, "Check the path.")
     if path.is_dir():
-        series = _dicom_series(path)
-        if not series:
+        files = _dicom_series(path)
+        if not files:
             raise LtudaError("is a folder without a DICOM series", path, _READ_FIX)
+        files = files[0]
+    else:
+        files = [str(path)]
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise LtudaError(f"cannot be read as an image ({_itk_reason(exc)})", path, _READ_FIX) from None
+    size = list(reader.GetSize())
+    if len(files) > 1:  # a series: one slice per file
+        size = size[:2] + [len(files)]
+    if any(n < 1 for n in size):
+        raise LtudaError(f"has an empty size {tuple(size)} in its header", path, _READ_FIX)
+    try:  # a 1x1 image of the file's pixel type knows its component size
+        component = sitk.Image([1, 1], reader.GetPixelID(), reader.GetNumberOfComponents()).GetSizeOfPixelComponent()
+    except RuntimeError:
+        component = 8
+    bytes_per_voxel = component * max(1, reader.GetNumberOfComponents())
+    return ImageHeader(size, bytes_per_voxel, files)
+
+
+def read_image(path) -> sitk.Image:
+    """A 3D scalar image from a volume file or a DICOM series folder (the largest series if several).
+
+    The header is read first: a volume larger than the memory available (often a damaged header
+    with absurd sizes) is refused with its size, instead of being allocated.
+    """
+    from ..memory import check_fits  # here: memory.py imports errors only, volumes must stay importable alone
+
+    path = Path(path)
+    header = read_header(path)
+    check_fits(header.nbytes, f"reading this {' x '.join(map(str, header.size))} volume", path,
+               "Check that the file is not damaged (its header gives this size), or use a machine with more memory.")
+    if path.is_dir():
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(series[0])
+        reader.SetFileNames(header.files)
     else:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
