@@ -210,12 +210,17 @@ def _explain_missing_model(model_dir: Path) -> None:
     """A folder with checkpoints but no model.json: a training that is running, or one that stopped early."""
     from ..train.lock import in_use_message, live_holder
 
-    if not (model_dir / "checkpoints" / "last.pt").is_file():
+    started_here = (model_dir / "checkpoints").is_dir() or (model_dir / "progress.jsonl").is_file()
+    if not started_here:
         return
     holder = live_holder(model_dir)
     if holder is not None:
         raise LtudaError(f"has no model yet: {in_use_message(model_dir, holder)}, which has not reached its first "
                          "validation", model_dir, "Wait until model.json appears in the folder, then try again.")
+    if not (model_dir / "checkpoints" / "last.pt").is_file():
+        raise LtudaError("training did not finish: it stopped before its first checkpoint, so there is nothing "
+                         "to resume", model_dir,
+                         "Start it again with `ltuda train --overwrite` (same --dataset and --out).")
     try:
         dataset = json.loads((model_dir / "checkpoints" / "config.json").read_text(encoding="utf-8"))["dataset"]
     except (OSError, ValueError, KeyError, TypeError):
