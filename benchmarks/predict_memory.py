@@ -81,7 +81,9 @@ def write_markdown(results, path):
             else:
                 cells += [f"{row['peak_gib']:.2f}", f"{row['seconds']:.0f}"]
         lines.append(f"| {size} | " + " | ".join(cells) + " |")
-    lines += ["", f"Machine: {results['machine']}", "", "Command(s):", ""]
+    lines += ["", f"Machine: {results['machine']}", ""]
+    lines += [f"- {label}: {note}" for label, note in results.get("code", {}).items()]
+    lines += ["", "Command(s):", ""]
     lines += [f"    {cmd}" for cmd in results["commands"]]
     path.write_text("\n".join(lines) + "\n")
 
@@ -91,6 +93,7 @@ def main():
     parser.add_argument("--slices", type=int, nargs="+", default=[100, 200, 400, 1500])
     parser.add_argument("--label", default="after", help="name of this run in the results (e.g. before, after)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--code-note", default=None, help="which code this label measured (e.g. a commit)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +105,8 @@ def main():
     if command not in results["commands"]:
         results["commands"].append(command)
     run = results["runs"].setdefault(args.label, {})
+    if args.code_note:
+        results.setdefault("code", {})[args.label] = args.code_note
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = untrained_model(tmp / "model", "fast")
