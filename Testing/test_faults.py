@@ -377,7 +377,8 @@ def test_predict_reads_only_a_matching_model_while_a_training_replaces_it(tiny_m
     good = (model / "model.json").read_text()
     stale = json.loads(good)
     stale["weights_sha256"] = "0" * 64
-    stale["default_head"] = "stale"
+    # a valid head other than the good one marks the stale description (model.json values are validated)
+    stale["default_head"] = next(h for h in ("linear", "proto-labeled") if h != stale.get("default_head"))
     (model / "model.json").write_text(json.dumps(stale))
     with pytest.raises(LtudaError, match="is damaged or incomplete \\(its contents do not match model.json\\)"):
         load_model(model)  # no training holds the folder: a mismatch is damage
@@ -388,7 +389,7 @@ def test_predict_reads_only_a_matching_model_while_a_training_replaces_it(tiny_m
         _, meta = load_model(model)  # a training (this process) holds the folder: wait for the matching json
     finally:
         writer.join()
-    assert meta["default_head"] == json.loads(good)["default_head"] != "stale"
+    assert meta["default_head"] == json.loads(good)["default_head"] != stale["default_head"]
 
 
 def test_a_model_json_that_cannot_be_written_keeps_the_old_weights(tiny_model, tmp_path, monkeypatch):

@@ -95,13 +95,13 @@ def test_a_damaged_model_json_is_one_message(tiny_model, tmp_path, edit):
     import json
 
     from ltuda.errors import LtudaError
-    from ltuda.model.store import read_model_json
+    from ltuda.model.store import load_model
 
     doc = json.loads((tiny_model / "model.json").read_text())
     edit(doc)
     (tmp_path / "model.json").write_text(json.dumps(doc))
     with pytest.raises(LtudaError) as info:
-        read_model_json(tmp_path)
+        load_model(tmp_path)  # checked before the weights are even read
     assert str(info.value).startswith(f"{tmp_path / 'model.json'}: is damaged: ")
 
 

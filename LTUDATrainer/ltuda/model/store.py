@@ -148,10 +148,14 @@ def read_model_json(model_dir) -> dict:
             f"this LTUDA ({__version__}) reads format {VERSION}", path,
             "Retrain the model with this version, or use the LTUDA version that wrote it.",
         )
-    problem = _model_doc_problem(doc)
+    _check_model_doc(doc, path, for_prediction=False)
+    return doc
+
+
+def _check_model_doc(doc: dict, path, for_prediction: bool) -> None:
+    problem = _classes_problem(doc.get("classes")) or (_model_doc_problem(doc) if for_prediction else None)
     if problem:
         raise LtudaError(f"is damaged: {problem}", path, "Retrain or restore the model folder.")
-    return doc
 
 
 def _is_int(value, low, high) -> bool:
@@ -162,8 +166,27 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _classes_problem(classes):
+    """What is wrong with a model.json's class list (read by predict and evaluate), or None."""
+    if not isinstance(classes, list) or not classes:
+        return "'classes' must be a non-empty list"
+    for cls in classes:
+        if not (isinstance(cls, dict) and isinstance(cls.get("name"), str) and 0 < len(cls["name"]) <= 200
+                and _is_int(cls.get("value"), 1, 255) and isinstance(cls.get("color"), list) and len(cls["color"]) == 3
+                and all(_is_int(c, 0, 255) for c in cls["color"])):
+            return "each class needs a name, a value 1-255 and a colour of three values 0-255"
+        term = cls.get("terminology")
+        if term is not None and not (isinstance(term, dict) and all(
+                code is None or (isinstance(code, list) and all(isinstance(part, str) for part in code))
+                for code in term.values())):
+            return f"the terminology of class '{cls['name']}' is not a list of codes"
+    if len({cls["value"] for cls in classes}) != len(classes) or len({cls["name"] for cls in classes}) != len(classes):
+        return "class names and values must be unique"
+    return None
+
+
 def _model_doc_problem(doc: dict):
-    """What in a model.json cannot be used (types and ranges of everything prediction reads), or None.
+    """What else in a model.json prediction cannot use (network, weights, preprocessing, head), or None.
 
     Checked here once, so a damaged or hand-edited file is one message instead of a failure deep inside
     (a huge 'features' entry would even try to build a network of that size)."""
@@ -181,21 +204,8 @@ def _model_doc_problem(doc: dict):
             and _is_int(network.get("prototypes_per_class"), 1, 1000)
             and network.get("backbone", BACKBONES[0]) in BACKBONES):
         return "'network' has values out of range"
-    classes = doc.get("classes")
-    if not isinstance(classes, list) or len(classes) != network["num_classes"]:
+    if len(doc["classes"]) != network["num_classes"]:
         return f"'classes' must list the network's {network['num_classes']} classes"
-    for cls in classes:
-        if not (isinstance(cls, dict) and isinstance(cls.get("name"), str) and 0 < len(cls["name"]) <= 200
-                and _is_int(cls.get("value"), 1, 255) and isinstance(cls.get("color"), list) and len(cls["color"]) == 3
-                and all(_is_int(c, 0, 255) for c in cls["color"])):
-            return "each class needs a name, a value 1-255 and a colour of three values 0-255"
-        term = cls.get("terminology")
-        if term is not None and not (isinstance(term, dict) and all(
-                code is None or (isinstance(code, list) and all(isinstance(part, str) for part in code))
-                for code in term.values())):
-            return f"the terminology of class '{cls['name']}' is not a list of codes"
-    if len({cls["value"] for cls in classes}) != len(classes) or len({cls["name"] for cls in classes}) != len(classes):
-        return "class names and values must be unique"
     prep = doc.get("preprocessing")
     if not (isinstance(prep, dict) and isinstance(prep.get("hu_window"), list) and len(prep["hu_window"]) == 2
             and all(_is_number(v) for v in prep["hu_window"]) and prep["hu_window"][0] < prep["hu_window"][1]
@@ -256,6 +266,7 @@ def _read_matching_weights(model_dir: Path, doc: dict):
 def load_model(model_dir):
     """(network in eval mode, model.json dict)."""
     doc = read_model_json(model_dir)
+    _check_model_doc(doc, Path(model_dir) / "model.json", for_prediction=True)
     doc, data = _read_matching_weights(Path(model_dir), doc)
     try:
         config = NetworkConfig.from_json(doc["network"])
