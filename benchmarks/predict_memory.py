@@ -46,19 +46,30 @@ def ct_like_volume(path, slices, size=512, seed=0, slab=50):
     return path
 
 
+# A small launcher process runs `ltuda predict` and reports wait4's ru_maxrss. Linux hands a child the
+# high-water mark of the memory it was forked from (at exec), so measuring straight from this process
+# (which just built a GB-sized volume) would report this process's peak, not predict's.
+LAUNCHER = """
+import os, subprocess, sys
+with open(os.devnull, "wb") as null:
+    proc = subprocess.Popen(sys.argv[1:], stdout=null, stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+sys.stderr.buffer.write(err)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def measure(model_dir, source, out):
-    """(seconds, peak RSS GiB, last stderr line) of one `ltuda predict` subprocess."""
+    """(seconds, peak RSS GiB, exit code, last stderr line) of one `ltuda predict` subprocess."""
     cmd = [sys.executable, "-m", "ltuda", "predict", "--model", str(model_dir), "--input", str(source),
            "--output", str(out), "--device", "cpu", "--overwrite", "--progress", "none"]
     start = time.perf_counter()
-    with open(os.devnull, "wb") as null, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=null, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        stderr = err.read().decode(errors="replace").strip()
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    return seconds, usage.ru_maxrss * 1024 / 2**30, proc.returncode, stderr.splitlines()[-1] if stderr else ""
+    code, maxrss_kib = (int(v) for v in result.stdout.split())
+    stderr = result.stderr.strip()
+    return seconds, maxrss_kib * 1024 / 2**30, code, stderr.splitlines()[-1] if stderr else ""
 
 
 def write_markdown(results, path):
