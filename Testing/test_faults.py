@@ -377,7 +377,8 @@ def test_predict_reads_only_a_matching_model_while_a_training_replaces_it(tiny_m
     good = (model / "model.json").read_text()
     stale = json.loads(good)
     stale["weights_sha256"] = "0" * 64
-    stale["default_head"] = "stale"
+    # a valid head other than the good one marks the stale description (model.json values are validated)
+    stale["default_head"] = next(h for h in ("linear", "proto-labeled") if h != stale.get("default_head"))
     (model / "model.json").write_text(json.dumps(stale))
     with pytest.raises(LtudaError, match="is damaged or incomplete \\(its contents do not match model.json\\)"):
         load_model(model)  # no training holds the folder: a mismatch is damage
@@ -388,7 +389,7 @@ def test_predict_reads_only_a_matching_model_while_a_training_replaces_it(tiny_m
         _, meta = load_model(model)  # a training (this process) holds the folder: wait for the matching json
     finally:
         writer.join()
-    assert meta["default_head"] == json.loads(good)["default_head"] != "stale"
+    assert meta["default_head"] == json.loads(good)["default_head"] != stale["default_head"]
 
 
 def test_a_model_json_that_cannot_be_written_keeps_the_old_weights(tiny_model, tmp_path, monkeypatch):
@@ -476,3 +477,34 @@ def test_a_cache_entry_written_by_another_process_meanwhile_is_kept(tiny_dataset
     assert np.array_equal(np.array(loser.image), np.array(winner.image))
     (entry,) = list((tmp_path / "cache").iterdir())
     assert (entry / "other").exists()  # the winner's entry stays; no temporary folder is left
+
+
+def test_an_evaluation_report_into_a_full_disk_is_one_message_and_leaves_nothing(tiny_model, tiny_dataset, small_disk,
+                                                                                 tmp_path):
+    pred = tmp_path / "case.seg.nrrd"
+    test_image = next(c.image for c in load_manifest(tiny_dataset).cases if c.split == "test")
+    run_ltuda("predict", "--model", tiny_model, "--input", test_image, "--output", pred, "--device", "cpu")
+    disk = small_disk(256 * 1024)
+    with open(disk / "filler", "wb") as f:
+        try:
+            f.write(b"\0" * (512 * 1024))
+        except OSError:
+            pass
+    result = run_ltuda("evaluate", "--pred", pred, "--truth", pred, "--out", disk / "report", check=False)
+    assert result.returncode == 1, result.stderr
+    _no_traceback(result)
+    assert "could not write the evaluation report: the disk is full" in result.stderr
+    assert not list((disk / "report").iterdir())
+
+
+def test_a_training_killed_before_its_first_checkpoint_says_to_start_again(tiny_model, tmp_path):
+    import shutil
+
+    model = tmp_path / "unfinished"
+    model.mkdir()
+    shutil.copy(tiny_model / "progress.jsonl", model / "progress.jsonl")
+    (model / "checkpoints").mkdir()
+    result = run_ltuda("predict", "--model", model, "--input", tmp_path, "--output", tmp_path / "o", check=False)
+    assert result.returncode == 1
+    assert f"{model}: training did not finish: it stopped before its first checkpoint" in result.stderr
+    assert "ltuda train --overwrite" in result.stderr

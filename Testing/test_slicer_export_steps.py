@@ -248,3 +248,43 @@ def test_imported_prediction_gets_its_3d_surfaces_one_organ_per_step(scene, logi
         theirs = reference.GetSegment(seg.GetNthSegmentID(i)).GetRepresentation(closed)
         assert (ours.GetNumberOfPoints(), ours.GetNumberOfPolys()) == (theirs.GetNumberOfPoints(),
                                                                        theirs.GetNumberOfPolys())
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 256 KB tmpfs (root only), or skip."""
+    import subprocess
+
+    target = tmp_path / "disk"
+    target.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(target)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip()[:100]})")
+    yield target
+    subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_an_export_into_a_full_or_read_only_disk_is_one_message_and_leaves_nothing(scene, logic, tiny_disk, fault):
+    """The disk fills while the writer writes (the up-front free-space check passed, e.g. another program
+    took the space meanwhile): one message, and every file of the export removed again."""
+    import subprocess
+
+    cases = [synthetic.addSyntheticCase(scene, f"c{i}", ORGANS, ORGANS, shape=(20, 60, 60), seed=40 + i)
+             for i in range(2)]
+    logic.addCasesFromNodes(cases)
+    export = tiny_disk / "export"
+    if fault == "read-only":
+        export.mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    with pytest.raises(exportModule.LTUDAError) as info:
+        exportModule.exportTrainingData(logic.cases, logic.organs, str(export), freeSpaceCheck=lambda *_: None)
+    message = str(info.value)
+    assert message.startswith(f"Could not write {export}")
+    if fault == "full":
+        assert "the disk is full (" in message and "needed" in message and "free)" in message
+    else:
+        assert "read-only" in message
+    assert "Nothing of this export was kept." in message
+    assert not [p for p in tiny_disk.rglob("*") if p.is_file()]

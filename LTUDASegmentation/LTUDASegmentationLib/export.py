@@ -9,6 +9,7 @@ The user's nodes are only read. TrainingExport does it in steps: VTK/MRML reads 
 on the scene's thread, a worker thread writes the files (numpy and zlib only).
 """
 
+import errno
 import os
 import shutil
 
@@ -55,6 +56,27 @@ def checkFreeSpace(folder, neededBytes):
         raise LTUDAError(
             f"Not enough free disk space in the work folder {folder}: this needs about {formatBytes(neededBytes)}, "
             f"only {formatBytes(free)} is free. Choose another work folder (Setup section) or free some space.")
+
+
+def writeFailure(exc, path, neededBytes=None):
+    """One message for a write that failed (a full disk, a read-only folder): what, where, why and the fix.
+    The export removes everything it wrote after this, so nothing half-written stays behind."""
+    folder = os.path.dirname(os.path.abspath(str(path)))
+    undone = "Nothing of this export was kept."
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        try:
+            free = formatBytes(shutil.disk_usage(folder).free) + " free"
+        except OSError:
+            free = "no space left"
+        needed = f"{formatBytes(neededBytes)} needed, " if neededBytes else ""
+        return LTUDAError(f"Could not write {path}: the disk is full ({needed}{free}). Free some space or choose "
+                          f"another work folder (Setup section), then try again. {undone}")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        reason = "the folder is read-only" if exc.errno == errno.EROFS else "permission denied"
+        return LTUDAError(f"Could not write {path}: {reason}. Choose a work folder you can write to (Setup "
+                          f"section), then try again. {undone}")
+    return LTUDAError(f"Could not write {path}: {exc.strerror or exc}. Check the work folder, then try again. "
+                      f"{undone}")
 
 
 def exportTrainingData(cases, organs, workDir, name="slicer-cases", ignoreUnmatched=False, freeSpaceCheck=None):
@@ -136,8 +158,12 @@ class TrainingExport:
             if problems:
                 raise LTUDAError("The cases cannot be exported:\n- " + "\n- ".join(problems))
         self.freeSpaceCheck(self.workDir, estimateExportBytes(self.cases))
-        os.makedirs(os.path.join(self.workDir, "images"), exist_ok=True)
-        os.makedirs(os.path.join(self.workDir, "labels"), exist_ok=True)
+        for folder in ("images", "labels"):
+            try:
+                os.makedirs(os.path.join(self.workDir, folder), exist_ok=True)
+            except OSError as exc:
+                self.cancel()
+                raise writeFailure(exc, os.path.join(self.workDir, folder)) from None
         self._ids = uniqueCaseIds(self.cases)
         self._queue = queue.Queue()
         self._lock = threading.Lock()
@@ -185,8 +211,12 @@ class TrainingExport:
             return False
         self._stopWriter()
         self._raiseWriterError()
-        path = writeManifest(os.path.join(self.workDir, MANIFEST_NAME),
-                             manifestDocument(self.name, self.organs, self._entries))
+        target = os.path.join(self.workDir, MANIFEST_NAME)
+        try:
+            path = writeManifest(target, manifestDocument(self.name, self.organs, self._entries))
+        except OSError as exc:
+            self.cancel()
+            raise writeFailure(exc, target) from None
         self._written.append(path)
         self.result = (path, self._outside)
         return True
@@ -267,8 +297,7 @@ class TrainingExport:
             except WriteCancelled:
                 pass
             except OSError as exc:
-                self._error = LTUDAError(f"Could not write {path}: {exc}. Check that the work folder is writable and "
-                                         "has free space.")
+                self._error = writeFailure(exc, path, array.nbytes)
             except Exception as exc:  # still one readable message in the panel
                 self._error = LTUDAError(f"Could not write {path}: {type(exc).__name__}: {exc}")
             finally:

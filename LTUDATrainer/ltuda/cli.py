@@ -413,9 +413,13 @@ def main(argv=None) -> int:
         _report_error(report, str(exc))
         return 1
     except OSError as exc:  # a write site without its own message: still what, where and why
-        if exc.errno not in DISK_FULL + READ_ONLY or not exc.filename:
+        if not exc.filename:
             return _unexpected(report, exc)
-        _report_error(report, str(write_error(exc, exc.filename, "file")))
+        if exc.errno in DISK_FULL + READ_ONLY:
+            _report_error(report, str(write_error(exc, exc.filename, "file")))
+        else:  # a path the system refuses (too long, not a folder, a loop of links...): the path and why
+            _report_error(report, str(LtudaError(f"{exc.strerror or exc}", exc.filename,
+                                                 "Check the path, then run the command again.")))
         return 1
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)

@@ -13,12 +13,20 @@ class LtudaError(Exception):
     """Bad input or a failed run, explained: what is wrong, which file, how to fix it."""
 
     def __init__(self, message: str, path=None, fix: str = ""):
-        self.path = None if path is None else str(path)
+        self.path = None if path is None else _shorten(str(path), 300)
         self.fix = fix
+        message = "\n".join(_shorten(line, 1000) for line in str(message).split("\n"))
         parts = [message if self.path is None else f"{self.path}: {message}"]
         if fix:
             parts.append(fix)
         super().__init__(" ".join(parts))
+
+
+def _shorten(text: str, limit: int) -> str:
+    """A path or message line of a sane length (a 100 KB path in a message helps nobody)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit * 2 // 3]}...({len(text)} characters)...{text[-limit // 4:]}"
 
 
 class ManifestProblems(LtudaError):

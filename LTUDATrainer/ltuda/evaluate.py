@@ -21,7 +21,7 @@ import SimpleITK as sitk
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 
-from .errors import LtudaError
+from .errors import LtudaError, write_error
 from .io.volumes import (
     is_seg_nrrd, list_volumes, on_grid_of, read_image, read_segmentation, same_geometry, volume_stem,
 )
@@ -206,7 +206,10 @@ def summarise(cases, classes) -> dict:
 def write_results(result: dict, out_dir) -> None:
     """evaluation.json (NaN as null) and evaluation.csv (one row per case and organ, then the means)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(exc, out_dir, "evaluation report") from None
 
     def cell(value):
         return "" if math.isnan(value) else f"{value:.6g}"
@@ -221,9 +224,15 @@ def write_results(result: dict, out_dir) -> None:
         ("evaluation.csv", lambda f: csv.writer(f).writerows(rows)),
     ):
         tmp = out_dir / f".{name}.tmp"
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            write(f)
-        os.replace(tmp, out_dir / name)
+        try:
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                write(f)
+            os.replace(tmp, out_dir / name)
+        except OSError as exc:  # a full disk or a read-only folder: one message, no half-written file left
+            raise write_error(exc, out_dir / name, "evaluation report") from None
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def format_table(result: dict) -> str:

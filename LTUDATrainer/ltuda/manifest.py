@@ -102,11 +102,17 @@ def _parse_classes(raw, problems) -> List[dict]:
             problems.append("'background' is implicit (value 0); do not list it as a class")
         if name in seen_names:
             problems.append(f"class '{name}' is listed twice")
-        if not isinstance(value, int) or not 1 <= value <= 255 or value in seen_values:
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 255 or value in seen_values:
             problems.append(f"class '{name}': 'value' must be a unique integer in 1..255")
+            continue
         color = cls.get("color", [128, 128, 128])
         if not (isinstance(color, list) and len(color) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in color)):
             problems.append(f"class '{name}': 'color' must be three integers 0..255")
+        term = cls.get("terminology")
+        if term is not None and not (isinstance(term, dict) and all(
+                code is None or (isinstance(code, list) and all(isinstance(part, str) for part in code))
+                for code in term.values())):
+            problems.append(f"class '{name}': 'terminology' must map category/type/type_modifier to code lists")
         seen_names.add(name)
         seen_values.add(value)
         classes.append({"name": name, "value": value, "color": color, "terminology": cls.get("terminology")})
@@ -126,11 +132,18 @@ def _parse_case(i, raw, root, class_names, allow_outside, problems) -> Optional[
     if raw.get("label") is not None:
         label = _resolve(root, raw.get("label"), allow_outside, "label", case_id, problems)
     value_map = {}
-    for key, target in (raw.get("labels") or {}).items():
+    labels = raw.get("labels") or {}
+    if not isinstance(labels, dict):
+        problems.append(f"case '{case_id}': 'labels' must map label values to class names, e.g. {{\"1\": \"liver\"}}")
+        labels = {}
+    for key, target in labels.items():
         try:
             value = int(key)
         except (TypeError, ValueError):
             problems.append(f"case '{case_id}': label value '{key}' is not an integer")
+            continue
+        if not 0 <= value < 2**31:
+            problems.append(f"case '{case_id}': label value {key[:30]} is out of range (0 .. 2147483647)")
             continue
         if target != BACKGROUND and target not in class_names:
             problems.append(
@@ -142,11 +155,14 @@ def _parse_case(i, raw, root, class_names, allow_outside, problems) -> Optional[
     labeled = raw.get("labeled")
     if labeled is None:
         labeled = sorted({t for t in value_map.values() if t != BACKGROUND}, key=class_names.index)
+    if not isinstance(labeled, list) or not all(isinstance(n, str) for n in labeled):
+        problems.append(f"case '{case_id}': 'labeled' must be a list of class names")
+        labeled = []
     unknown = [n for n in labeled if n not in class_names]
     if unknown:
         problems.append(f"case '{case_id}': 'labeled' names unknown classes {unknown}")
     split = raw.get("split", "train")
-    if split not in SPLITS:
+    if not isinstance(split, str) or split not in SPLITS:
         problems.append(f"case '{case_id}': split '{split}' must be one of {', '.join(SPLITS)}")
     if label is None and labeled and split != "test":
         problems.append(f"case '{case_id}': it labels {labeled} but has no 'label' file")
@@ -181,18 +197,24 @@ def parse_manifest(path, allow_outside_paths: bool = False):
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LtudaError(f"is not valid JSON ({exc})", path, "Fix the syntax of the manifest.") from None
+    except RecursionError:
+        raise LtudaError("is nested too deeply to be a dataset manifest", path, "Fix the structure of the manifest.") from None
     problems = []
     if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
         raise LtudaError(f"is not an LTUDA dataset manifest (expected \"schema\": \"{SCHEMA}\")", path)
     if raw.get("version") != VERSION:
         raise LtudaError(
-            f"manifest version {raw.get('version')!r} is not supported (this ltuda reads version {VERSION})",
+            f"manifest version {repr(raw.get('version'))[:80]} is not supported (this ltuda reads version {VERSION})",
             path, "Re-export the dataset with this version of LTUDA.",
         )
     classes = _parse_classes(raw.get("classes"), problems)
     names = [c["name"] for c in classes]
     cases = []
-    for i, raw_case in enumerate(raw.get("cases") or []):
+    raw_cases = raw.get("cases") or []
+    if not isinstance(raw_cases, list):
+        problems.append("'cases' must be a list of cases")
+        raw_cases = []
+    for i, raw_case in enumerate(raw_cases):
         case = _parse_case(i, raw_case, path.parent, names, allow_outside_paths, problems)
         if case is not None:
             cases.append(case)

@@ -1,8 +1,10 @@
 """Prediction: CT volume(s) -> Slicer `.seg.nrrd` on the input's exact voxel grid.
 
-Slices go through the network in batches (bounded memory), class scores are resized back to the
-slice's own size before the argmax, optional largest-component clean-up runs in SimpleITK, and the
-labels are oriented back onto the input grid. `run_prediction` is the one implementation behind
+Slices go through the network in batches, class scores are resized back to the slice's own size
+before the argmax, optional largest-component clean-up runs in SimpleITK slab by slab, and the labels
+are oriented back onto the input grid. Memory is the image, about three bytes per voxel and a
+batch's worth of work (a 512x512x1500 CT fits in well under 4 GiB); a volume that would not fit in the
+memory available is refused up front with the estimate. `run_prediction` is the one implementation behind
 `ltuda predict`, the Slicer module and the Slicer CLI module.
 
 A GPU that runs out of memory halves the slice batch and retries (down to one slice) instead of
@@ -19,10 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from .claims import DEFAULT_TIMEOUT_S, ClaimBox
-from .data.preprocess import Preprocessing, check_image_values, from_canonical, normalise_hu, resize_slices, to_canonical
+from .data.preprocess import (Preprocessing, canonical_axes, check_image_values, normalise_hu, oriented_view,
+                              resize_slices, unoriented_view)
 from .errors import LtudaError
 from .io.segnrrd import write_label_map, write_seg_nrrd
-from .io.volumes import is_dicom_folder, list_volumes, read_image, volume_stem
+from .io.volumes import is_dicom_folder, list_volumes, read_header, read_image, volume_stem
+from .memory import check_fits
 from .model.network import HEADS, class_probabilities
 from .model.store import load_model
 from .progress import SilentReporter
@@ -35,19 +39,80 @@ OUT_OF_MEMORY = tuple({e for e in (getattr(torch, "OutOfMemoryError", None),
                                    getattr(torch.cuda, "OutOfMemoryError", None)) if e is not None})
 
 
-def keep_largest_components(labels: np.ndarray, classes) -> np.ndarray:
-    """Per organ, keep its largest connected component (the two largest for kidneys)."""
-    out = np.zeros_like(labels)
+SLAB = 64  # slices per slab in post-processing and value checks: bounds the per-voxel temporaries
+
+
+def _slab_components(mask: np.ndarray) -> np.ndarray:
+    """Face-connected components of a mask slab (SimpleITK's labels, numbered in raster order)."""
+    image = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.view(np.uint8)))
+    return sitk.GetArrayFromImage(image)
+
+
+def _find(parent: np.ndarray, i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def keep_largest_components(labels: np.ndarray, classes, slab: int = SLAB) -> np.ndarray:
+    """Per organ, keep its largest connected component (the two largest for kidneys); in place.
+
+    Slab by slab, so memory stays bounded on big volumes: components are found in each slab of
+    `slab` slices, joined across slab faces (union-find), and ranked by total size, ties by the
+    first voxel in raster order, exactly as SimpleITK's RelabelComponent ranks whole-volume
+    components. Values that are no class become background.
+    """
+    depth = labels.shape[0]
+    class_values = np.zeros(256, dtype=bool)
     for cls in classes:
-        mask = labels == cls["value"]
-        if not mask.any():
+        class_values[cls["value"]] = True
+    for start in range(0, depth, slab):
+        part = labels[start:start + slab]
+        part[~class_values[part]] = 0
+    for cls in classes:
+        value, count = cls["value"], EXPECTED_COMPONENTS.get(cls["name"].lower(), 1)
+        # Pass 1: components per slab; global id = offset of its slab + local label - 1 (raster order).
+        sizes, offsets, joins, previous_face, total = [], [], [], None, 0
+        for start in range(0, depth, slab):
+            components = _slab_components(labels[start:start + slab] == value)
+            n = int(components.max())
+            sizes.append(np.bincount(components.ravel(), minlength=n + 1)[1:])
+            if previous_face is not None:
+                touching = (previous_face > 0) & (components[0] > 0)
+                if touching.any():
+                    pairs = np.stack([previous_face[touching].astype(np.int64) + offsets[-1] - 1,
+                                      components[0][touching].astype(np.int64) + total - 1], axis=1)
+                    joins.append(np.unique(pairs, axis=0))
+            offsets.append(total)
+            total += n
+            previous_face = components[-1].copy()
+        if total == 0:
             continue
-        components = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))),
-                                           sortByObjectSize=True)
-        keep = sitk.GetArrayViewFromImage(components)
-        count = EXPECTED_COMPONENTS.get(cls["name"].lower(), 1)
-        out[(keep > 0) & (keep <= count)] = cls["value"]
-    return out
+        parent = np.arange(total)
+        for a, b in (np.concatenate(joins) if joins else np.zeros((0, 2), dtype=np.int64)):
+            ra, rb = _find(parent, int(a)), _find(parent, int(b))
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)  # the root is the group's first component in raster order
+        roots = parent
+        while True:  # point every component at its group's root
+            jumped = roots[roots]
+            if np.array_equal(jumped, roots):
+                break
+            roots = jumped
+        group_size = np.bincount(roots, weights=np.concatenate(sizes), minlength=total)
+        groups = np.unique(roots)
+        ranked = groups[np.lexsort((groups, -group_size[groups]))]  # biggest first, ties: first in raster order
+        keep = np.zeros(total + 1, dtype=bool)  # index: global id + 1; 0 = not this organ
+        keep[1:] = np.isin(roots, ranked[:count])
+        keep[0] = True
+        # Pass 2: the same components again (deterministic), dropping those not kept.
+        for index, start in enumerate(range(0, depth, slab)):
+            part = labels[start:start + slab]
+            components = _slab_components(part == value).astype(np.int64)
+            components[components > 0] += offsets[index]
+            part[~keep[components]] = 0
+    return labels
 
 
 class Predictor:
@@ -71,14 +136,19 @@ class Predictor:
 
     @torch.no_grad()
     def segment(self, image: sitk.Image, postprocess: bool = True, on_fraction=None) -> np.ndarray:
-        """Class values on `image`'s own voxel grid (SimpleITK array order z, y, x)."""
-        canonical_image = to_canonical(image)  # must outlive the array view below
-        canonical = sitk.GetArrayViewFromImage(canonical_image)
+        """Class values on `image`'s own voxel grid (SimpleITK array order z, y, x).
+
+        The canonical (LPS) volume is a view of the image's own array, read a batch of slices at a
+        time, and the labels go back onto the input grid as a view too: besides the image itself,
+        memory holds one byte per voxel for the labels and a batch's worth of scores.
+        """
+        order, flips = canonical_axes(image)
+        canonical = oriented_view(sitk.GetArrayViewFromImage(image), order, flips)  # `image` owns the memory
         depth, height, width = canonical.shape
         labels = np.zeros(canonical.shape, dtype=np.uint8)
         start = 0
         while start < depth:
-            chunk = np.asarray(canonical[start:start + self.batch_size], dtype=np.float32)
+            chunk = np.array(canonical[start:start + self.batch_size], dtype=np.float32)
             try:
                 labels[start:start + chunk.shape[0]] = self._segment_slices(chunk, height, width)
                 out_of_memory = False
@@ -93,8 +163,18 @@ class Predictor:
             if on_fraction:
                 on_fraction(min(1.0, start / depth))
         if postprocess:
-            labels = keep_largest_components(labels, self.classes)
-        return from_canonical(labels, image)
+            keep_largest_components(labels, self.classes)
+        return np.ascontiguousarray(unoriented_view(labels, order, flips))
+
+    def memory_needed(self, header) -> int:
+        """Bytes `ltuda predict` needs for a volume with this header (an upper estimate): the image, the
+        labels and their copy on the input grid and for the writer, a batch of slices' scores at full
+        size, a post-processing slab, and the process itself (PyTorch, the network)."""
+        x, y, z = header.size[:3]
+        slice_voxels = x * y
+        batch = self.batch_size * slice_voxels * 4 * (len(self.classes) + 1) * 3
+        slab = SLAB * slice_voxels * 14
+        return header.nbytes + 3 * header.voxels + batch + slab + 600 * 2**20
 
     def _segment_slices(self, chunk: np.ndarray, height: int, width: int) -> np.ndarray:
         x = resize_slices(normalise_hu(torch.from_numpy(chunk).to(self.device), self.prep.hu_window),
@@ -130,6 +210,11 @@ def _predict_one(predictor, source: Path, target: Path, label_map, postprocess, 
             claim.heartbeat()
         report.emit("progress", fraction=(index + 0.9 * fraction) / count, case=str(source), stage="segmenting")
 
+    header = read_header(source)
+    if len(header.size) == 3:  # other shapes get their own message from read_image
+        check_fits(predictor.memory_needed(header), f"segmenting this {' x '.join(map(str, header.size))} volume",
+                   source, "Close other programs, or run on a machine with more memory (the estimate includes "
+                           "the volume, its labels and one batch of slices; a smaller --batch-size lowers it a little).")
     image = read_image(source)
     check_image_values(sitk.GetArrayViewFromImage(image), source)
     labels = predictor.segment(image, postprocess=postprocess, on_fraction=on_fraction)

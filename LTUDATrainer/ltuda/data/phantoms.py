@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import LtudaError, failed_write_cause, write_error
+from ..io.volumes import itk_path
 from ..manifest import Case, write_manifest
 from ..terminology import default_classes
 
@@ -759,7 +760,8 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: Path):
         cause = failed_write_cause(path.parent, array.nbytes)
         if cause is not None:
             raise cause
-        sitk.WriteImage(image, str(path), True)
+        with itk_path(path) as safe:
+            sitk.WriteImage(image, safe, True)
     except (OSError, RuntimeError) as exc:
         cause = exc if isinstance(exc, OSError) else failed_write_cause(path.parent, array.nbytes)
         if cause is None:
@@ -784,6 +786,11 @@ def _check_arguments(cases_per_site, test_cases, shape):
         raise LtudaError(f"test_cases must be 0 or more (got {test_cases})")
     if len(shape) != 2 or min(int(s) for s in shape) < 16:
         raise LtudaError(f"shape must be two in-plane sizes of at least 16 voxels (got {tuple(shape)})")
+    # Upper bounds: a typo like 100000 would otherwise write for days or fill the disk.
+    if int(cases_per_site) > 1000 or int(test_cases) > 1000:
+        raise LtudaError(f"at most 1000 cases per site and 1000 test cases (got {cases_per_site} and {test_cases})")
+    if max(int(s) for s in shape) > 1024:
+        raise LtudaError(f"the in-plane size must be at most 1024 voxels (got {tuple(shape)})")
 
 
 def generate_phantoms(out_dir, cases_per_site: int = 4, test_cases: int = 4, shape=(96, 96), seed: int = 0,

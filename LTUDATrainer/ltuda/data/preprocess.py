@@ -5,6 +5,7 @@ RAS, LPS or oblique scan looks the same to the network; predictions are oriented
 input's own voxel grid, so they align with it exactly.
 """
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -48,6 +49,36 @@ def from_canonical(labels: np.ndarray, reference: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.DICOMOrient(image, original))
 
 
+def canonical_axes(image: sitk.Image):
+    """How `to_canonical` rearranges `image`'s (z, y, x) array: (order, flips) such that
+    `oriented_view(array, order, flips)` equals `to_canonical(image)`'s array, without the copy.
+
+    Found by orienting a small probe with the same direction and distinct axis lengths, so it is
+    DICOMOrient's own choice (ties of oblique axes included), not a re-derivation of it.
+    """
+    probe_array = np.arange(2 * 3 * 5, dtype=np.int16).reshape(2, 3, 5)
+    probe = sitk.GetImageFromArray(probe_array)
+    probe.SetDirection(image.GetDirection())
+    moved = sitk.GetArrayFromImage(to_canonical(probe))
+    for order in itertools.permutations(range(3)):
+        for flips in itertools.product((False, True), repeat=3):
+            if np.array_equal(oriented_view(probe_array, order, flips), moved):
+                return order, flips
+    raise AssertionError("DICOMOrient is not an axis permutation with flips")  # pragma: no cover
+
+
+def oriented_view(array: np.ndarray, order, flips) -> np.ndarray:
+    """`array` with its axes permuted by `order`, then flipped where `flips` says: a view, no copy."""
+    view = array.transpose(order)
+    return view[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+
+
+def unoriented_view(array: np.ndarray, order, flips) -> np.ndarray:
+    """The inverse of `oriented_view`: canonical-grid values back on the original grid (a view)."""
+    view = array[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+    return view.transpose(np.argsort(order))
+
+
 def normalise_hu(volume: torch.Tensor, hu_window) -> torch.Tensor:
     """Clip to the window and map it to [-1, 1] (the paper: [-325, 325] HU, divided by 325)."""
     low, high = hu_window
@@ -68,9 +99,13 @@ def resize_slices(slices: torch.Tensor, size, labels: bool = False) -> torch.Ten
     return out[:, 0] if squeeze else out
 
 
-def check_image_values(array: np.ndarray, path) -> None:
-    if not np.isfinite(array).all():
-        raise LtudaError("the image contains NaN or infinite values", path, "Re-export the volume from its source.")
+def check_image_values(array: np.ndarray, path, slab: int = 64) -> None:
+    # Slab by slab: a whole-volume isfinite() mask alone is 1 byte per voxel (0.4 GB for a 1500-slice CT).
+    if not np.issubdtype(array.dtype, np.integer):
+        for start in range(0, array.shape[0], slab):
+            if not np.isfinite(array[start:start + slab]).all():
+                raise LtudaError("the image contains NaN or infinite values", path,
+                                 "Re-export the volume from its source.")
     if float(array.max()) == float(array.min()):
         raise LtudaError(
             f"the image is constant ({float(array.min()):g} everywhere)", path,

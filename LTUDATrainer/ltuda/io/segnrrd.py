@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from ..errors import DISK_FULL, READ_ONLY, LtudaError, failed_write_cause, write_error
 from ..terminology import terminology_entry_tag
-from .volumes import VOLUME_SUFFIXES
+from .volumes import VOLUME_SUFFIXES, itk_path
 
 # Conversion parameter holding the full grid, so Slicer's editor keeps editing on the CT's grid.
 REFERENCE_GEOMETRY = "Reference image geometry"
@@ -132,6 +132,10 @@ def write_seg_nrrd(path, labels, reference: sitk.Image, classes, tags=None, fiel
             f"Segment{i}_Extent": _extent(labels == cls["value"]),
         })
     header.update(fields or {})
+    for key, value in header.items():
+        if isinstance(value, str) and not value.isascii():  # pynrrd writes headers in ASCII only
+            raise LtudaError(f"cannot be written: the header field {key} is not plain ASCII text ({value[:60]!r})",
+                             path, "Use class names and terminology codes in plain ASCII (model.json / dataset.json).")
     with _atomic_path(path, ".seg.nrrd", "segmentation", labels.nbytes) as tmp:
         # Level 1: label maps compress almost as well as at 9, several times faster.
         nrrd.write(str(tmp), labels, header, index_order="C", compression_level=1)
@@ -151,7 +155,8 @@ def write_label_map(path, labels, reference: sitk.Image) -> Path:
     image.CopyInformation(reference)
     try:
         with _atomic_path(path, suffix, "label map", labels.nbytes, check_space=True) as tmp:
-            sitk.WriteImage(image, str(tmp), useCompression=True)
+            with itk_path(tmp) as safe:
+                sitk.WriteImage(image, safe, useCompression=True)
     except RuntimeError as exc:  # neither a full disk nor a read-only folder
         raise LtudaError(f"cannot be written ({str(exc).strip().splitlines()[-1]})", path,
                          "Use a .nrrd, .nii.gz or .mha file name in a writable folder.") from None

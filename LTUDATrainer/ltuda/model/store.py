@@ -9,6 +9,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import shlex
@@ -19,7 +20,7 @@ import torch
 
 from .. import __version__
 from ..errors import LtudaError, free_bytes, write_error
-from .network import HEADS, LTUDANet, NetworkConfig
+from .network import BACKBONES, HEADS, LTUDANet, NetworkConfig
 
 SCHEMA = "ltuda-model"
 VERSION = 1
@@ -134,8 +135,11 @@ def read_model_json(model_dir) -> dict:
                          "Pass the folder written by `ltuda train --out`.")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:  # nested thousands deep: no model.json we write
+        raise LtudaError("cannot be read (it is nested too deeply to be a model description)", path,
+                         "Retrain or restore the model folder.") from None
     except (OSError, ValueError) as exc:
-        raise LtudaError(f"cannot be read ({exc})", path, "Retrain or restore the model folder.") from None
+        raise LtudaError(f"cannot be read ({str(exc)[:200]})", path, "Retrain or restore the model folder.") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise LtudaError("is not an LTUDA model description", path, "Pass the folder written by `ltuda train --out`.")
     if doc.get("version") != VERSION:
@@ -144,19 +148,89 @@ def read_model_json(model_dir) -> dict:
             f"this LTUDA ({__version__}) reads format {VERSION}", path,
             "Retrain the model with this version, or use the LTUDA version that wrote it.",
         )
+    _check_model_doc(doc, path, for_prediction=False)
     return doc
+
+
+def _check_model_doc(doc: dict, path, for_prediction: bool) -> None:
+    problem = _classes_problem(doc.get("classes")) or (_model_doc_problem(doc) if for_prediction else None)
+    if problem:
+        raise LtudaError(f"is damaged: {problem}", path, "Retrain or restore the model folder.")
+
+
+def _is_int(value, low, high) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _classes_problem(classes):
+    """What is wrong with a model.json's class list (read by predict and evaluate), or None."""
+    if not isinstance(classes, list) or not classes:
+        return "'classes' must be a non-empty list"
+    for cls in classes:
+        if not (isinstance(cls, dict) and isinstance(cls.get("name"), str) and 0 < len(cls["name"]) <= 200
+                and _is_int(cls.get("value"), 1, 255) and isinstance(cls.get("color"), list) and len(cls["color"]) == 3
+                and all(_is_int(c, 0, 255) for c in cls["color"])):
+            return "each class needs a name, a value 1-255 and a colour of three values 0-255"
+        term = cls.get("terminology")
+        if term is not None and not (isinstance(term, dict) and all(
+                code is None or (isinstance(code, list) and all(isinstance(part, str) for part in code))
+                for code in term.values())):
+            return f"the terminology of class '{cls['name']}' is not a list of codes"
+    if len({cls["value"] for cls in classes}) != len(classes) or len({cls["name"] for cls in classes}) != len(classes):
+        return "class names and values must be unique"
+    return None
+
+
+def _model_doc_problem(doc: dict):
+    """What else in a model.json prediction cannot use (network, weights, preprocessing, head), or None.
+
+    Checked here once, so a damaged or hand-edited file is one message instead of a failure deep inside
+    (a huge 'features' entry would even try to build a network of that size)."""
+    weights = doc.get("weights", WEIGHTS)
+    if not isinstance(weights, str) or not weights or weights != Path(weights).name:
+        return "'weights' must be a file name next to model.json"
+    if not isinstance(doc.get("weights_sha256", ""), str):
+        return "'weights_sha256' must be text"
+    network = doc.get("network")
+    if not isinstance(network, dict):
+        return "'network' is missing"
+    features = network.get("features")
+    if not (_is_int(network.get("num_classes"), 1, 255) and isinstance(features, list) and 1 <= len(features) <= 8
+            and all(_is_int(f, 1, 4096) for f in features) and _is_int(network.get("embedding_dim"), 1, 4096)
+            and _is_int(network.get("prototypes_per_class"), 1, 1000)
+            and network.get("backbone", BACKBONES[0]) in BACKBONES):
+        return "'network' has values out of range"
+    if len(doc["classes"]) != network["num_classes"]:
+        return f"'classes' must list the network's {network['num_classes']} classes"
+    prep = doc.get("preprocessing")
+    if not (isinstance(prep, dict) and isinstance(prep.get("hu_window"), list) and len(prep["hu_window"]) == 2
+            and all(_is_number(v) for v in prep["hu_window"]) and prep["hu_window"][0] < prep["hu_window"][1]
+            and _is_int(prep.get("image_size"), 8, 4096) and isinstance(prep.get("orientation", "LPS"), str)):
+        return "'preprocessing' needs an HU window [low, high] and an image size 8-4096"
+    if doc.get("default_head", HEADS[0]) not in HEADS:
+        return f"'default_head' must be one of {', '.join(HEADS)}"
+    return None
 
 
 def _explain_missing_model(model_dir: Path) -> None:
     """A folder with checkpoints but no model.json: a training that is running, or one that stopped early."""
     from ..train.lock import in_use_message, live_holder
 
-    if not (model_dir / "checkpoints" / "last.pt").is_file():
+    started_here = (model_dir / "checkpoints").is_dir() or (model_dir / "progress.jsonl").is_file()
+    if not started_here:
         return
     holder = live_holder(model_dir)
     if holder is not None:
         raise LtudaError(f"has no model yet: {in_use_message(model_dir, holder)}, which has not reached its first "
                          "validation", model_dir, "Wait until model.json appears in the folder, then try again.")
+    if not (model_dir / "checkpoints" / "last.pt").is_file():
+        raise LtudaError("training did not finish: it stopped before its first checkpoint, so there is nothing "
+                         "to resume", model_dir,
+                         "Start it again with `ltuda train --overwrite` (same --dataset and --out).")
     try:
         dataset = json.loads((model_dir / "checkpoints" / "config.json").read_text(encoding="utf-8"))["dataset"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -192,6 +266,7 @@ def _read_matching_weights(model_dir: Path, doc: dict):
 def load_model(model_dir):
     """(network in eval mode, model.json dict)."""
     doc = read_model_json(model_dir)
+    _check_model_doc(doc, Path(model_dir) / "model.json", for_prediction=True)
     doc, data = _read_matching_weights(Path(model_dir), doc)
     try:
         config = NetworkConfig.from_json(doc["network"])
