@@ -144,7 +144,7 @@ def test_an_unfinished_training_says_how_to_resume(tiny_dataset, tmp_path):
     out = tmp_path / "unfinished"
     proc, _ = _start_long_training(tiny_dataset, out, "--val-fraction", "0")
     deadline = time.time() + 120
-    while not (out / "checkpoints" / "config.json").is_file() and time.time() < deadline:
+    while not (out / "checkpoints" / "last.pt").is_file() and time.time() < deadline:
         time.sleep(0.2)
     image = sorted((Path(tiny_dataset).parent / "images").glob("*.nii.gz"))[0]
     running = run_ltuda("predict", "--model", out, "--input", image, "--output", tmp_path / "x.seg.nrrd", check=False)
@@ -508,3 +508,23 @@ def test_a_training_killed_before_its_first_checkpoint_says_to_start_again(tiny_
     assert result.returncode == 1
     assert f"{model}: training did not finish: it stopped before its first checkpoint" in result.stderr
     assert "ltuda train --overwrite" in result.stderr
+
+
+def test_resume_of_a_training_killed_before_its_first_checkpoint_starts_it_again_with_its_settings(
+        tiny_dataset, tmp_path):
+    """The run's settings are saved before its first step; a kill -9 before the first checkpoint leaves
+    them (and the log) but no checkpoint: `--resume`, without the settings, starts it again with them."""
+    out = tmp_path / "early"
+    run_ltuda("train", "--dataset", tiny_dataset, "--out", out, *TINY_TRAIN_ARGS, "--epochs-stage2", "2")
+    saved = json.loads((out / "checkpoints" / "config.json").read_text())["config"]
+    for path in sorted(out.rglob("*"), reverse=True):  # what a kill -9 before the first checkpoint leaves
+        if path.is_file() and path.name not in ("config.json", "progress.jsonl", "train.log"):
+            path.unlink()
+    image = sorted((Path(tiny_dataset).parent / "images").glob("*.nii.gz"))[0]
+    told = run_ltuda("predict", "--model", out, "--input", image, "--output", tmp_path / "x.seg.nrrd", check=False)
+    assert told.returncode == 1 and f"run `ltuda train --resume --dataset {tiny_dataset} --out {out}`" in told.stderr
+    again = run_ltuda("train", "--dataset", tiny_dataset, "--out", out, "--resume")
+    assert "stopped before its first checkpoint; --resume starts it again from the beginning" in again.stderr
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["training"]["completed"] and meta["training"]["config"] == saved
+    assert meta["training"]["epochs"] == {"1": 1, "2": 2}  # its own settings, not the preset's

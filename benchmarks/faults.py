@@ -151,7 +151,16 @@ def kill9_trials(dataset: Path, test_image: Path, work: Path, trials: int, rng: 
                                                                "--output", out.parent / f"r{trial}.seg.nrrd",
                                                                "--overwrite", "--device", "cpu").returncode == 0
             row["lock_taken_over"] = any("lock" in line.lower() for line in resume.stderr)
-        else:  # killed before the first checkpoint: --resume must say so, and a fresh start must work
+        elif (out / "checkpoints" / "config.json").exists():
+            # killed before the first checkpoint but after the settings were saved: --resume starts it again
+            resume = ltuda("train", "--dataset", dataset, "--out", out, "--resume", "--progress", "none")
+            row["resume_exit"] = resume.returncode
+            row["lost_iterations"] = _iterations_done(events, per_epoch, total)
+            row["resumed"] = resume.returncode == 0 and ltuda("predict", "--model", out, "--input", test_image,
+                                                              "--output", out.parent / f"r{trial}.seg.nrrd",
+                                                              "--overwrite", "--device", "cpu").returncode == 0
+            row["restarted_by_resume"] = True
+        else:  # killed before even the settings were saved: --resume must say so, and a fresh start must work
             refused = ltuda("train", "--dataset", dataset, "--out", out, *TINY, "--resume")
             fresh = ltuda("train", "--dataset", dataset, "--out", out, *TINY, "--overwrite", "--progress", "none")
             row["lost_iterations"] = _iterations_done(events, per_epoch, total)
@@ -171,7 +180,8 @@ def kill9_trials(dataset: Path, test_image: Path, work: Path, trials: int, rng: 
         "before_first_validation_clear_message": sum(r["predict_after_kill"] == "clear error"
                                                      for r in rows if not r["after_first_validation"]),
         "killed_during_a_write": sum(bool(r["during_write"]) for r in rows),
-        "restarted_fresh_no_checkpoint_yet": sum(bool(r.get("restarted_fresh")) for r in rows),
+        "restarted_by_resume_no_checkpoint_yet": sum(bool(r.get("restarted_by_resume")) for r in rows),
+        "restarted_fresh_no_settings_yet": sum(bool(r.get("restarted_fresh")) for r in rows),
         "max_lost_iterations": max((r["lost_iterations"] for r in rows), default=0),
         "iterations_per_training": total,
         "training_seconds": round(duration, 1),
@@ -340,12 +350,15 @@ def write_markdown(results, path: Path):
     lines = ["# Fault-injection suite (issue 14)", "",
              f"Command: `{results['command']}`  ", f"Machine: {results['machine']}; {results['seconds']:.0f} s in all.", "",
              "## kill -9 during tiny trainings", "",
+             *([f"Measured again by `{results['kill9_command']}`.", ""] if results.get("kill9_command") else []),
              f"- trials: {k['trials']} ({k['killed_during_a_write']} killed while a checkpoint/model file was being "
              f"written, the others at a random moment); each training is {k['iterations_per_training']} iterations, "
              f"{k['training_seconds']} s here",
              f"- resumed to the end: {k['resumed']} / {k['trials']} "
-             f"({k['restarted_fresh_no_checkpoint_yet']} killed before the first checkpoint: `--resume` said so, a "
-             "fresh start finished)",
+             f"({k.get('restarted_by_resume_no_checkpoint_yet', 0)} killed before the first checkpoint: `--resume` "
+             "started them again with their saved settings; "
+             f"{k.get('restarted_fresh_no_settings_yet', k.get('restarted_fresh_no_checkpoint_yet', 0))} killed "
+             "before even the settings were saved: `--resume` said so, a fresh start finished)",
              f"- able to segment right after the kill: {k['usable_after_kill']} / {k['after_first_validation']} "
              "killed after the first validation; before it, `predict` gave a clear message in "
              f"{k['before_first_validation_clear_message']} / {k['trials'] - k['after_first_validation']}",
@@ -388,6 +401,8 @@ def main():
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--only-memory", action="store_true",
                         help="measure predict's peak again and update that entry of an existing faults.json")
+    parser.add_argument("--only-kill", action="store_true",
+                        help="run the kill -9 trials again and update that entry of an existing faults.json")
     args = parser.parse_args()
     from ltuda.data.phantoms import generate_phantoms
     from ltuda.manifest import load_manifest
@@ -416,6 +431,16 @@ def main():
     os.environ.setdefault("LTUDA_CACHE_DIR", str(work / "cache"))
     dataset = generate_phantoms(work / "phantoms", cases_per_site=2, test_cases=1, shape=(48, 48), seed=args.seed)
     test_image = next(c.image for c in load_manifest(dataset).cases if c.split == "test")
+    if args.only_kill:
+        out = Path(args.out)
+        results = json.loads((out / "faults.json").read_text())
+        results["kill9"] = kill9_trials(dataset, test_image, work, args.kill_trials, rng, log)
+        results["kill9_command"] = "OMP_NUM_THREADS=1 nice -n 10 python benchmarks/faults.py " + " ".join(sys.argv[1:])
+        (out / "faults.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_markdown(results, out / "faults.md")
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     model = work / "model"
     trained = ltuda("train", "--dataset", dataset, "--out", model, *TINY, "--overwrite", "--progress", "none")
     assert trained.returncode == 0, trained.stderr

@@ -169,12 +169,17 @@ def cmd_dataset_check(args, report) -> int:
     return 0
 
 
-def _prepare_out_dir(out: Path, overwrite: bool, resume: bool):
+def _prepare_out_dir(out: Path, overwrite: bool, resume: bool) -> bool:
+    """Checks and clears the model folder; returns whether there is a checkpoint to continue from."""
+    from .train.trainer import CONFIG
+
     has_model = (out / "model.json").exists() or (out / "checkpoints").exists()
     if resume:
-        if not (out / "checkpoints" / "last.pt").exists():
-            raise LtudaError("has no checkpoint to resume from", out, "Start a new run without --resume.")
-        return
+        if (out / "checkpoints" / "last.pt").exists():
+            return True
+        if (out / CONFIG).exists():  # killed before its first checkpoint: starts again, with its own settings
+            return False
+        raise LtudaError("has no checkpoint to resume from", out, "Start a new run without --resume.")
     if has_model and not overwrite:
         raise LtudaError("already holds a model", out, "Pass --overwrite to replace it, --resume to continue it, "
                          "or choose another --out.")
@@ -183,6 +188,7 @@ def _prepare_out_dir(out: Path, overwrite: bool, resume: bool):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    return False
 
 
 def cmd_train(args, report) -> int:
@@ -225,11 +231,18 @@ def _train_locked(args, report, manifest, out, lock, finetune=None, group=None) 
     from .train.finetune import LINEAGE, LineageTrainer, dataset_labels
     from .train.trainer import CONFIG, safe_json
 
-    _prepare_out_dir(out, args.overwrite, args.resume)
+    resumable = _prepare_out_dir(out, args.overwrite, args.resume)
     init_state = None
+    restart = None
     if args.resume:
         config = TrainConfig.from_json(safe_json(out / CONFIG).get("config", {}))
         config.device = args.device
+        if not resumable:
+            if (config.extra or {}).get(LINEAGE):  # its start was the parent's weights, not a checkpoint
+                raise LtudaError("stopped before its first checkpoint, so it cannot be resumed", out,
+                                 "Run the same `ltuda train --init-from ...` command again with --overwrite.")
+            restart = (f"notice: {out} stopped before its first checkpoint; --resume starts it again from the "
+                       "beginning, with its saved settings")
     elif finetune is not None:
         config, init_state, _ = finetune
     else:
@@ -240,10 +253,12 @@ def _train_locked(args, report, manifest, out, lock, finetune=None, group=None) 
     for notice in lock.notices:
         files.log(notice)
     run_report = TeeReporter(report, files)
+    if restart:
+        run_report.log(restart)
     extra = {"dataset_labels": dataset_labels(manifest)}
     if (config.extra or {}).get(LINEAGE):
         extra[LINEAGE] = config.extra[LINEAGE]
-    result = LineageTrainer(manifest, out, config, run_report, cache_dir=args.cache_dir, resume=args.resume,
+    result = LineageTrainer(manifest, out, config, run_report, cache_dir=args.cache_dir, resume=resumable,
                             init_state=init_state, extra_metadata=extra, group=group).run()
     if group is not None:
         group.any(False)  # the other ranks exit after rank 0 saved (torchrun ends the job when one exits)

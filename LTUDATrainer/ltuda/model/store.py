@@ -227,7 +227,8 @@ def _explain_missing_model(model_dir: Path) -> None:
     if holder is not None:
         raise LtudaError(f"has no model yet: {in_use_message(model_dir, holder)}, which has not reached its first "
                          "validation", model_dir, "Wait until model.json appears in the folder, then try again.")
-    if not (model_dir / "checkpoints" / "last.pt").is_file():
+    checkpoints = model_dir / "checkpoints"
+    if not (checkpoints / "last.pt").is_file() and not (checkpoints / "config.json").is_file():
         raise LtudaError("training did not finish: it stopped before its first checkpoint, so there is nothing "
                          "to resume", model_dir,
                          "Start it again with `ltuda train --overwrite` (same --dataset and --out).")
@@ -237,7 +238,8 @@ def _explain_missing_model(model_dir: Path) -> None:
         dataset = "DATASET"
     command = f"ltuda train --resume --dataset {shlex.quote(str(dataset))} --out {shlex.quote(str(model_dir))}"
     raise LtudaError(f"training did not finish: run `{command}`", model_dir,
-                     "It continues from the last checkpoint and writes the model (model.json, model.pt).")
+                     "It continues from the last checkpoint (or starts again with the run's settings when it "
+                     "stopped before one) and writes the model (model.json, model.pt).")
 
 
 def _read_matching_weights(model_dir: Path, doc: dict):

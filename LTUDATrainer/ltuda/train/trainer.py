@@ -171,10 +171,15 @@ class Trainer:
             "gate": self.ctx.gate.state_dict(),
         }
         atomic_torch_save(state, self.out_dir / LAST)
+        self._save_run_config()
+        self.report.emit("checkpoint", kind="last", path=str(self.out_dir / LAST))
+
+    def _save_run_config(self):
+        """The run's settings and progress beside the checkpoint. Also written before the first step, so
+        that a run killed before its first checkpoint can be started again with its own settings."""
         atomic_write_json({"config": self.config.to_json(), "best": self.best,
                            "best_student_dice": self.best_student_dice, "diagnostics": self.diagnostics,
                            "dataset": str(Path(self.manifest.path).absolute())}, self.out_dir / CONFIG)
-        self.report.emit("checkpoint", kind="last", path=str(self.out_dir / LAST))
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.started
@@ -256,6 +261,9 @@ class Trainer:
         start_stage, start_epoch, start_iter = 0, 0, 0
         if self.resume and self.leader:
             start_stage, start_epoch, start_iter = self._restore()
+        elif self.leader:
+            (self.out_dir / CONFIG).parent.mkdir(parents=True, exist_ok=True)
+            self._save_run_config()
         world = 1
         if self.group is not None:  # rank 0's position, optimiser and gate; each rank its own random stream
             self.group.attach(ctx)
