@@ -11,7 +11,8 @@ import SimpleITK as sitk
 
 from conftest import run_ltuda
 from ltuda.errors import LtudaError
-from ltuda.evaluate import add_arguments, evaluate, evaluate_case, format_table, load_class_labels, run
+from ltuda.cli import add_evaluate_arguments
+from ltuda.evaluate import evaluate, evaluate_case, format_table, load_class_labels, run
 from ltuda.io.segnrrd import write_label_map, write_seg_nrrd
 from ltuda.io.volumes import read_image
 from ltuda.progress import SilentReporter
@@ -158,7 +159,7 @@ def test_run_writes_json_and_csv(tmp_path, capsys):
     model_dir.mkdir()
     (model_dir / "model.json").write_text(json.dumps({"schema": "ltuda-model", "version": 1, "classes": CLASSES[:3]}))
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_evaluate_arguments(parser)
     args = parser.parse_args(["--pred", str(pred_dir), "--truth", str(truth_dir), "--model", str(model_dir),
                               "--out", str(tmp_path / "out")])
     assert run(args, SilentReporter()) == 0

@@ -23,6 +23,19 @@ def _add_progress(parser):
                         help="jsonl: one JSON object per line on stdout for programs (the Slicer module)")
 
 
+def add_evaluate_arguments(parser) -> None:
+    """`ltuda evaluate`'s options. Here, not in evaluate.py: building the parser must not import torch and
+    MONAI, or every `--help` and every argument error would take seconds."""
+    parser.add_argument("--pred", required=True, help="predicted segmentation (.seg.nrrd or label map) or a folder of them")
+    parser.add_argument("--truth", required=True, help="ground truth file or folder (matched to predictions by file name)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="model folder whose classes to score (model.json)")
+    source.add_argument("--dataset", help="dataset.json (or its folder) whose classes to score")
+    parser.add_argument("--truth-labels", help="label values of plain ground-truth label maps, e.g. 5=liver,1=spleen "
+                                               "(default: the values are class values)")
+    parser.add_argument("--out", help="folder for evaluation.json and evaluation.csv")
+
+
 def _shard(text):
     from .claims import parse_shard
     try:
@@ -139,7 +152,6 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_progress(suggest)
 
     evaluate = sub.add_parser("evaluate", help="3D Dice and HD95 (mm) of predictions against ground truth")
-    from .evaluate import add_arguments as add_evaluate_arguments
     add_evaluate_arguments(evaluate)
 
     phantoms = sub.add_parser("phantoms", help="write a synthetic partially labelled abdominal CT dataset")

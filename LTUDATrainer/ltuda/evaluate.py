@@ -264,17 +264,6 @@ def parse_value_map(text: str) -> dict:
     return value_map
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--pred", required=True, help="predicted segmentation (.seg.nrrd or label map) or a folder of them")
-    parser.add_argument("--truth", required=True, help="ground truth file or folder (matched to predictions by file name)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="model folder whose classes to score (model.json)")
-    source.add_argument("--dataset", help="dataset.json (or its folder) whose classes to score")
-    parser.add_argument("--truth-labels", help="label values of plain ground-truth label maps, e.g. 5=liver,1=spleen "
-                                               "(default: the values are class values)")
-    parser.add_argument("--out", help="folder for evaluation.json and evaluation.csv")
-
-
 def _classes(args) -> list:
     if getattr(args, "model", None):
         from .model.store import read_model_json  # only this path needs the model code
