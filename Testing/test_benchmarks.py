@@ -41,7 +41,8 @@ def test_accuracy_benchmark_learning_curve_and_settings(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     curve = json.loads((tmp_path / "results" / "accuracy.json").read_text())["learning_curve"]["toy"]
     assert set(curve) == {"1", "2", "command"}
-    assert set(curve["2"]) >= {"ltuda", "labeled-only"}
+    assert set(curve["2"]) >= {"ltuda", "labeled-only", "ltuda_vs_labeled-only"}
+    assert curve["2"]["per_seed"]["ltuda"]["43"] == curve["2"]["ltuda"]  # one seed: its mean is that seed's
 
     def epochs(factor, key):
         return json.loads((work / "toy" / factor / key / "seed43" / "model" / "model.json").read_text())["training"]["epochs"]
@@ -56,7 +57,9 @@ def test_accuracy_benchmark_learning_curve_and_settings(tmp_path):
     again = _run(tmp_path, "--seeds", "1", "--learning-curve", "1,2", "--set", "epochs_stage2=2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(weights) == 4 and [w.stat().st_mtime_ns for w in weights] == stamps
-    assert json.loads((tmp_path / "results" / "accuracy.json").read_text())["learning_curve"]["toy"]["2"] == curve["2"]
+    point = json.loads((tmp_path / "results" / "accuracy.json").read_text())["learning_curve"]["toy"]["2"]
+    assert (point["ltuda"], point["labeled-only"], point["per_seed"]) == (curve["2"]["ltuda"],
+                                                                         curve["2"]["labeled-only"], curve["2"]["per_seed"])
     # a different setting is a different run: trained again
     changed = _run(tmp_path, "--seeds", "1", "--learning-curve", "2", "--set", "epochs_stage2=1")
     assert changed.returncode == 0, changed.stderr[-3000:]

@@ -383,10 +383,17 @@ def main(argv=None):
         if factors:
             curve = results["learning_curve"].setdefault(args.protocol, {})
             for factor in factors:
-                point = {key: summarise_seeds(done(factor, key))["mean_dice"] for key in requested if done(factor, key)}
-                if point:
-                    point["seeds"] = min(len(done(factor, key)) for key in requested)
-                    point["iterations"] = {k: done(factor, k)[0]["iterations"] for k in requested if done(factor, k)}
+                # the seeds every method finished at this point: a partial point still compares pairs
+                paired = [s for s in seeds if all(s in runs[(factor, key)] for key in requested)]
+                if paired:
+                    chosen = {key: [runs[(factor, key)][s] for s in paired] for key in requested}
+                    point = {key: summarise_seeds(chosen[key])["mean_dice"] for key in requested}
+                    point["seeds"] = len(paired)
+                    point["per_seed"] = {key: dict(zip(map(str, paired), (r["mean_dice"] for r in chosen[key])))
+                                         for key in requested}
+                    point["iterations"] = {key: chosen[key][0]["iterations"] for key in requested}
+                    point["ltuda_vs_labeled-only"] = paired_test([r["mean_dice"] for r in chosen["ltuda"]],
+                                                                 [r["mean_dice"] for r in chosen["labeled-only"]])
                     curve[f"{factor:g}"] = point
             curve["command"] = command.strip()
         else:
@@ -497,15 +504,16 @@ def render_markdown(results) -> str:
         lines.append("")
     for protocol, curve in results.get("learning_curve", {}).items():
         lines += [f"## Learning curve: {protocol}", "", f"Command: `{curve.get('command', '')}`", "",
-                  "| schedule | labelled-only | LTUDA | LTUDA - labelled-only | seeds | iterations |",
-                  "|---|---|---|---|---|---|"]
+                  "| schedule | labelled-only | LTUDA | LTUDA - labelled-only | p (one-sided, paired) | seeds | "
+                  "iterations |", "|---|---|---|---|---|---|---|"]
         for factor, point in curve.items():
             if factor == "command":
                 continue
             lo, lt = point.get("labeled-only"), point.get("ltuda")
             gap = lt - lo if lo is not None and lt is not None else None
-            lines.append(f"| x{factor} | {_fmt(lo)} | {_fmt(lt)} | {_fmt(gap)} | {point['seeds']} | "
-                         f"{point.get('iterations', {}).get('ltuda', '')} |")
+            test = point.get("ltuda_vs_labeled-only", {})
+            lines.append(f"| x{factor} | {_fmt(lo)} | {_fmt(lt)} | {_fmt(gap)} | {_fmt(test.get('p_one_sided'), 3)} | "
+                         f"{point['seeds']} | {point.get('iterations', {}).get('ltuda', '')} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
