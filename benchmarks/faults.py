@@ -81,10 +81,14 @@ class Training:
 
 
 def _temporaries(out: Path):
+    """Temporary files of checkpoint and model writes being written now. The run's settings, saved once
+    before the first step, are not a checkpoint write: a "during a write" trial waits for a real one."""
     found = []
+    first_checkpoint_done = (out / "checkpoints" / "last.pt").exists()
     for folder in (out, out / "checkpoints"):
         try:
-            found += [e.name for e in os.scandir(folder) if ".tmp" in e.name]
+            found += [e.name for e in os.scandir(folder)
+                      if ".tmp" in e.name and (first_checkpoint_done or not e.name.startswith("config.json"))]
         except OSError:
             pass
     return found
