@@ -48,6 +48,7 @@ METHODS = {
     # the ceiling with the Dice term on pseudo-targets too: what the loss could take from perfect pseudo-labels
     "oracle-pseudo-dice": ("ltuda", "partial", {"oracle_pseudo_labels": True, "pseudo_dice": True}),
     # lever rows: the fast recipe with one lever added
+    "ltuda-pseudo-dice": ("ltuda", "partial", {"pseudo_dice": True}),
     "ltuda-gate": ("ltuda", "partial", {"pseudo_gate": 0.7, "pseudo_dice": True, "pseudo_rampup_epochs": 0}),
     "ltuda-reference-pbce": ("ltuda", "partial", {"pbce_scaling": "reference"}),
     "ltuda-best-start": ("ltuda", "partial", {"stage2_start": "best"}),
