@@ -9,6 +9,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CT = REPO.parent / "shared" / "data" / "real-ct"
+# The Slicer module's Lib (LTUDASegmentationLib), which the slicer_* tests import.
+sys.path.insert(0, str(REPO / "LTUDASegmentation"))
 
 # Tests never touch the user's cache. The suite runs as two pytest workers on the two cores CI has
 # (`-n 2`), so each test's torch takes one thread (as fast as two for these tiny networks).
@@ -49,3 +51,22 @@ def real_ct() -> Path:
     if not REAL_CT.is_dir():
         pytest.skip(f"real CT scans not available at {REAL_CT}")
     return REAL_CT
+
+
+@pytest.fixture
+def scene():
+    """A real, empty MRML scene (slicer-core), cleared after the test."""
+    pytest.importorskip("slicer")
+    from slicer_scene import new_scene
+
+    scene = new_scene()
+    yield scene
+    scene.Clear(1)
+
+
+@pytest.fixture
+def logic(scene, tmp_path, request):
+    """The module's logic on `scene`, its folders under tmp_path, set to the test module's ORGANS."""
+    from slicer_scene import new_logic
+
+    return new_logic(scene, tmp_path, getattr(request.module, "ORGANS", None))

@@ -10,7 +10,6 @@ handlers; and (once the backend has `ltuda suggest`) the whole loop through the 
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,42 +17,19 @@ import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "LTUDASegmentation"))
 
 import vtk  # noqa: E402
 
 from LTUDASegmentationLib import jobs, synthetic  # noqa: E402
 from LTUDASegmentationLib.errors import LTUDAError  # noqa: E402
-from LTUDASegmentationLib.logic import LTUDALogicCore  # noqa: E402
 from LTUDASegmentationLib.organs import organClass  # noqa: E402
 from LTUDASegmentationLib.proposals import PROPOSED, REVIEWED, STATUS_TAG, proposalStatus  # noqa: E402
-from LTUDASegmentationLib.segments import (_Scratch, addSegmentForOrgan, ensureSegmentationConverters,  # noqa: E402
-                                           labelArrayOnVolume, setSegmentFromMask)
-from LTUDASegmentationLib.settings import JsonSettings  # noqa: E402
+from LTUDASegmentationLib.segments import (_Scratch, addSegmentForOrgan, labelArrayOnVolume,  # noqa: E402
+                                           setSegmentFromMask)
 from LTUDASegmentationLib.suggestions import SCHEMA  # noqa: E402
 
 ORGANS = ["liver", "spleen", "kidney"]
 SHAPE = (12, 40, 40)
-
-
-@pytest.fixture
-def scene():
-    ensureSegmentationConverters()
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    yield scene
-    scene.Clear(1)
-
-
-@pytest.fixture
-def logic(scene, tmp_path):
-    settings = JsonSettings(tmp_path / "settings.json")
-    settings.setValue("WorkFolder", str(tmp_path / "work"))
-    settings.setValue("ModelsFolder", str(tmp_path / "models"))
-    settings.setValue("BackendPython", sys.executable)
-    logic = LTUDALogicCore(scene, settings)
-    logic.setOrgans(ORGANS)
-    return logic
 
 
 def vtkMatrix(volume):

@@ -301,15 +301,6 @@ def numpy_matrix(node):
     return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
-@pytest.fixture
-def scene():
-    if slicer is None:
-        pytest.skip("slicer-core is not installed")
-    scene = slicer.vtkMRMLScene()
-    yield scene
-    scene.Clear(1)
-
-
 def write_volume_node(scene, array, matrix, path):
     """A scalar volume node written by a volume storage node, as Slicer writes a CLI's input."""
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")

@@ -18,39 +18,16 @@ import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "LTUDASegmentation"))
 
 import vtk  # noqa: E402
 
 from LTUDASegmentationLib import export as exportModule  # noqa: E402
 from LTUDASegmentationLib import jobs, nrrdfile, synthetic  # noqa: E402
-from LTUDASegmentationLib.logic import LTUDALogicCore  # noqa: E402
 from LTUDASegmentationLib.runner import ProcessRunner  # noqa: E402
-from LTUDASegmentationLib.segments import (ensureSegmentationConverters, labelArrayOnVolume,  # noqa: E402
+from LTUDASegmentationLib.segments import (labelArrayOnVolume,  # noqa: E402
                                            volumeIjkToRas, writeLabelFile, writeVolumeFile)
-from LTUDASegmentationLib.settings import JsonSettings  # noqa: E402
 
 ORGANS = ["liver", "spleen", "kidney"]
-
-
-@pytest.fixture
-def scene():
-    ensureSegmentationConverters()
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    yield scene
-    scene.Clear(1)
-
-
-@pytest.fixture
-def logic(scene, tmp_path):
-    settings = JsonSettings(tmp_path / "settings.json")
-    settings.setValue("WorkFolder", str(tmp_path / "work"))
-    settings.setValue("ModelsFolder", str(tmp_path / "models"))
-    settings.setValue("BackendPython", sys.executable)
-    logic = LTUDALogicCore(scene, settings)
-    logic.setOrgans(ORGANS)
-    return logic
 
 
 def nodeCounts(scene):

@@ -18,7 +18,6 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 psutil = pytest.importorskip("psutil")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "LTUDASegmentation"))
 
 from LTUDASegmentationLib import jobs  # noqa: E402
 from LTUDASegmentationLib.backend import ProbeResult  # noqa: E402
@@ -26,25 +25,17 @@ from LTUDASegmentationLib.errors import LTUDAError  # noqa: E402
 from LTUDASegmentationLib.gpus import choiceFromSpinBox, parseGpus, spinBoxValue  # noqa: E402
 from LTUDASegmentationLib.logic import LTUDALogicCore  # noqa: E402
 from LTUDASegmentationLib.models import readModel  # noqa: E402
-from LTUDASegmentationLib.segments import ensureSegmentationConverters  # noqa: E402
 from LTUDASegmentationLib.settings import JsonSettings  # noqa: E402
+from slicer_scene import new_logic  # noqa: E402
 
 TINY = ["--iterations-per-epoch", "2", "--image-size", "32", "--batch-size", "2", "--val-fraction", "0.5"]
 
 
 @pytest.fixture
-def logic(tmp_path):
-    ensureSegmentationConverters()
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    settings = JsonSettings(tmp_path / "settings.json")
-    settings.setValue("WorkFolder", str(tmp_path / "work"))
-    settings.setValue("ModelsFolder", str(tmp_path / "models"))
-    settings.setValue("BackendPython", sys.executable)
-    logic = LTUDALogicCore(scene, settings)
+def logic(scene, tmp_path):
+    logic = new_logic(scene, tmp_path)
     yield logic
     logic.stopAll()
-    scene.Clear(1)
 
 
 def addPhantomCases(logic, dataset):

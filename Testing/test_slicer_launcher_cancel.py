@@ -11,18 +11,15 @@ import stat
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 slicer = pytest.importorskip("slicer")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "LTUDASegmentation"))
 
 from LTUDASegmentationLib import backend as backendModule  # noqa: E402
 from LTUDASegmentationLib import jobs, synthetic  # noqa: E402
 from LTUDASegmentationLib.logic import LTUDALogicCore  # noqa: E402
 from LTUDASegmentationLib.runner import EXIT, ProcessRunner  # noqa: E402
-from LTUDASegmentationLib.segments import ensureSegmentationConverters  # noqa: E402
 from LTUDASegmentationLib.settings import JsonSettings  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="the launcher stand-ins are POSIX scripts")
@@ -95,15 +92,6 @@ def test_a_backend_behind_a_launcher_gets_the_whole_grace_period(tmp_path):
     runner.stop(grace=30)
     assert runner.wait(timeout=45) == -signal.SIGTERM  # the launcher's own exit
     assert marker.read_text() == "saved", "the real process was killed before it had saved"
-
-
-@pytest.fixture
-def scene():
-    ensureSegmentationConverters()
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    yield scene
-    scene.Clear(1)
 
 
 def test_cancel_through_the_launcher_saves_a_checkpoint_and_exits_130(scene, tmp_path, monkeypatch):

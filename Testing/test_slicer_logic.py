@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "LTUDASegmentation"))
 
 import vtk  # noqa: E402
 
@@ -26,41 +25,17 @@ from LTUDASegmentationLib import jobs, organs, synthetic  # noqa: E402
 from LTUDASegmentationLib.backend import Backend  # noqa: E402
 from LTUDASegmentationLib.errors import LTUDAError  # noqa: E402
 from LTUDASegmentationLib.folders import findImageLabelPairs, parseValueMap  # noqa: E402
-from LTUDASegmentationLib.logic import LTUDALogicCore  # noqa: E402
 from LTUDASegmentationLib.models import ModelRegistry, readModel  # noqa: E402
 from LTUDASegmentationLib.progress import ProgressState  # noqa: E402
 from LTUDASegmentationLib.results import importPrediction  # noqa: E402
-from LTUDASegmentationLib.segments import (addSegmentForOrgan, ensureSegmentationConverters,  # noqa: E402
+from LTUDASegmentationLib.segments import (addSegmentForOrgan,  # noqa: E402
                                            labelArrayOnVolume, segmentTerminology, setSegmentFromMask,
                                            writeLabelFile, writeVolumeFile)
 from LTUDASegmentationLib.settings import JsonSettings  # noqa: E402
+from slicer_scene import new_logic, new_scene  # noqa: E402
 
 ORGANS = ["liver", "spleen", "kidney"]
 TINY = ["--iterations-per-epoch", "2", "--image-size", "32", "--batch-size", "2"]
-
-
-@pytest.fixture
-def scene():
-    ensureSegmentationConverters()
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene  # slicer.util helpers look here
-    yield scene
-    scene.Clear(1)
-
-
-def makeLogic(scene, folder):
-    settings = JsonSettings(Path(folder) / "settings.json")
-    settings.setValue("WorkFolder", str(Path(folder) / "work"))
-    settings.setValue("ModelsFolder", str(Path(folder) / "models"))
-    settings.setValue("BackendPython", sys.executable)
-    logic = LTUDALogicCore(scene, settings)
-    logic.setOrgans(ORGANS)
-    return logic
-
-
-@pytest.fixture
-def logic(scene, tmp_path):
-    return makeLogic(scene, tmp_path)
 
 
 def snapshot(volume, segmentation):
@@ -406,10 +381,8 @@ def test_missing_packages_are_explained():
 def trained(tmp_path_factory):
     """One real tiny training through the logic (seconds), shared by the tests below."""
     folder = tmp_path_factory.mktemp("trained")
-    ensureSegmentationConverters()
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    logic = makeLogic(scene, folder)
+    scene = new_scene()
+    logic = new_logic(scene, folder, ORGANS)
     cases = [synthetic.addSyntheticCase(scene, "liverOnly", ORGANS, ["liver"], seed=50),
              synthetic.addSyntheticCase(scene, "spleenOnly", ORGANS, ["spleen"], flip=True, seed=51),
              synthetic.addSyntheticCase(scene, "kidneyOnly", ORGANS, ["kidney"], seed=52),

@@ -26,7 +26,6 @@ sys.path.insert(0, str(MODULE_DIR))
 
 from LTUDASegmentationLib import jobs, synthetic  # noqa: E402
 from LTUDASegmentationLib.logic import LTUDALogicCore  # noqa: E402
-from LTUDASegmentationLib.segments import ensureSegmentationConverters  # noqa: E402
 
 TINY = ["--iterations-per-epoch", "2", "--image-size", "32", "--batch-size", "2"]
 
@@ -96,15 +95,6 @@ def pumpProbe(widget, timeout=300):
         widget.setupSection._onProbeTick()
         time.sleep(0.05)
     assert widget.setupSection._probeRunner is None
-
-
-@pytest.fixture
-def scene():
-    ensureSegmentationConverters()
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    yield scene
-    scene.Clear(1)
 
 
 def _forgetModule():

@@ -12,11 +12,9 @@ import signal
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "LTUDASegmentation"))
 
 from LTUDASegmentationLib import jobs  # noqa: E402
 from LTUDASegmentationLib.errors import LTUDAError  # noqa: E402

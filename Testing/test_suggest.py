@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nrrd
 import numpy as np
 import pytest
 import SimpleITK as sitk
