@@ -256,9 +256,12 @@ def paired_methods(a: dict, b: dict) -> dict:
 
 
 def make_phantoms(work: Path, protocol: str, smoke: bool) -> dict:
-    from ltuda.data.phantoms import generate_phantoms
+    from ltuda.data.phantoms import LAYOUT_VERSIONS, generate_phantoms
 
-    folder = work / f"phantoms-{protocol}"
+    # A changed generator writes to a new folder: finished runs are matched by their dataset's path, so models
+    # trained on older phantoms are not reused (version 1 keeps the original folder name and its runs).
+    version = LAYOUT_VERSIONS[protocol]
+    folder = work / (f"phantoms-{protocol}" + (f"-v{version}" if version > 1 else ""))
     size = dict(cases_per_site=2, test_cases=1, shape=(48, 48), holdout_per_site=1) if smoke else \
         dict(cases_per_site=10, test_cases=6, shape=(96, 96), holdout_per_site=4)
     partial = generate_phantoms(folder, seed=PHANTOM_SEED, layout=protocol, **size)

@@ -142,6 +142,9 @@ SITES = (
 )
 TEST_SITE = Site("test", "all", "alternating", 4.0, 400.0, 11.0, 10.0, -150.0, FULL_VALUES, FULL_VALUE_MAP)
 LAYOUTS = ("multi-site", "toy")
+# Bump a layout's version whenever its files change: benchmarks keep each version's phantoms in their own folder,
+# so a model trained on older phantoms is never scored as if trained on these. 2: the sites as real data sets.
+LAYOUT_VERSIONS = {"multi-site": 2, "toy": 1}
 
 
 def sites_for(layout: str):
