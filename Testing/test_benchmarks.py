@@ -92,6 +92,7 @@ def test_accuracy_benchmark_measures_the_multi_site_gap(tmp_path):
                        .read_text())
     folder = Path(model["training"]["dataset"]).parent.name
     assert LAYOUT_VERSIONS["multi-site"] > 1 and folder == f"phantoms-multi-site-v{LAYOUT_VERSIONS['multi-site']}"
+    assert entry["phantoms_version"] == LAYOUT_VERSIONS["multi-site"]
 
 
 def test_a_setting_added_later_at_its_default_keeps_finished_runs(tmp_path):

@@ -266,7 +266,7 @@ def make_phantoms(work: Path, protocol: str, smoke: bool) -> dict:
         dict(cases_per_site=10, test_cases=6, shape=(96, 96), holdout_per_site=4)
     partial = generate_phantoms(folder, seed=PHANTOM_SEED, layout=protocol, **size)
     return {"partial": partial, "full": partial.with_name("dataset_full.json"),
-            "holdout": partial.with_name("dataset_holdout.json")}
+            "holdout": partial.with_name("dataset_holdout.json"), "version": version}
 
 
 def _worker_init():
@@ -412,10 +412,13 @@ def main(argv=None):
                 if any(quality):  # the teacher diagnostics, per seed, for the plots
                     summary["pseudo_label_quality"] = quality
             previous = results["protocols"].get(args.protocol, {})
-            same_experiment = previous.get("preset") == args.preset and previous.get("settings") == overrides
+            # rows on another version of the phantoms are another experiment (entries before versions: 1)
+            same_experiment = (previous.get("preset") == args.preset and previous.get("settings") == overrides
+                               and previous.get("phantoms_version", 1) == phantoms["version"])
             if same_experiment:  # methods run by another invocation with the same settings stay
                 methods = {**{k: v for k, v in previous.get("methods", {}).items() if k not in methods}, **methods}
-            entry = {"preset": args.preset, "seeds": seeds, "settings": overrides, "equal_iterations": True,
+            entry = {"preset": args.preset, "phantoms_version": phantoms["version"], "seeds": seeds,
+                     "settings": overrides, "equal_iterations": True,
                      "methods": methods, "complete": complete and all(m["seeds"] == len(seeds) for m in methods.values()),
                      "commands": sorted({m["command"] for m in methods.values()}),
                      "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -423,7 +426,7 @@ def main(argv=None):
             if "ltuda" in methods:
                 entry["paired_tests"] = {f"ltuda_vs_{k}": paired_methods(methods["ltuda"], methods[k])
                                          for k in ("labeled-only", "cda") if k in methods}
-            if args.site_gap:
+            if args.site_gap and done(None, "labeled-only"):  # none when every run failed or was stopped
                 entry["site_gap"] = site_gap(done(None, "labeled-only"))
             elif previous.get("site_gap") and same_experiment:
                 entry["site_gap"] = previous["site_gap"]
@@ -484,7 +487,8 @@ def render_markdown(results) -> str:
         organs = list(next(iter(methods.values()))["per_organ_dice"])
         lines += [f"## Protocol: {protocol}" + ("" if entry.get("complete") else " (INCOMPLETE: running or stopped)"),
                   "", "Commands: " + ", ".join(f"`{c}`" for c in entry["commands"]) + "  ",
-                  f"Preset: {entry['preset']}; seeds {entry['seeds']}; settings for every method: "
+                  f"Preset: {entry['preset']}; phantoms version {entry.get('phantoms_version', 1)}; seeds "
+                  f"{entry['seeds']}; settings for every method: "
                   f"{entry.get('settings') or 'none'}; machine {entry['machine']}", ""]
         if entry.get("site_gap"):
             gap = entry["site_gap"]
