@@ -93,6 +93,10 @@ def test_accuracy_benchmark_measures_the_multi_site_gap(tmp_path):
     folder = Path(model["training"]["dataset"]).parent.name
     assert LAYOUT_VERSIONS["multi-site"] > 1 and folder == f"phantoms-multi-site-v{LAYOUT_VERSIONS['multi-site']}"
     assert entry["phantoms_version"] == LAYOUT_VERSIONS["multi-site"]
+    # by site and contrast phase: the smoke set's held-out kidney case is arterial (KiTS-like), its test case portal venous
+    by_phase = gap["by_site_and_phase"]
+    assert {"kidney arterial", "spleen contrast", "test contrast"} <= set(by_phase)
+    assert all(0.0 <= d <= 1.0 for row in by_phase.values() for d in row.values() if d == d)
 
 
 def test_a_setting_added_later_at_its_default_keeps_finished_runs(tmp_path):

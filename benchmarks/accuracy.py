@@ -98,18 +98,30 @@ def evaluate_cases(predictor, cases, classes, work: Path) -> list:
     return scores
 
 
-def site_dice(predictor, holdout_path: Path, work: Path) -> dict:
-    """{site: {organ: mean Dice}} on the held-out, fully labelled cases of each training site."""
-    from ltuda.evaluate import summarise
+def site_dice(predictor, holdout_path: Path, work: Path) -> tuple:
+    """({site: {organ: mean Dice}}, {"site phase": {organ: mean Dice}}) on the held-out, fully labelled cases
+    of each training site; the second also by contrast phase, which is what most sites differ in."""
     from ltuda.manifest import parse_manifest
 
     holdout, _ = parse_manifest(holdout_path)  # evaluation cases only: "no training cases" is expected
-    by_site = {}
-    for case in holdout.cases:
-        by_site.setdefault(case.extra["site"], []).append(case)
-    return {site: {n: m["dice"] for n, m in summarise(evaluate_cases(predictor, cases, holdout.classes, work),
-                                                       holdout.classes)["mean"].items()}
-            for site, cases in by_site.items()}
+    scores = evaluate_cases(predictor, holdout.cases, holdout.classes, work)
+    return (_dice_by(holdout.cases, scores, holdout.classes, lambda c: c.extra["site"]),
+            _dice_by(holdout.cases, scores, holdout.classes, _site_phase))
+
+
+def _site_phase(case) -> str:
+    return f"{case.extra['site']} {case.extra['phase']}"
+
+
+def _dice_by(cases, scores, classes, group) -> dict:
+    """{group(case): {organ: mean Dice over that group's cases}}."""
+    from ltuda.evaluate import summarise
+
+    groups = {}
+    for case, result in zip(cases, scores):
+        groups.setdefault(group(case), []).append(result)
+    return {key: {n: m["dice"] for n, m in summarise(results, classes)["mean"].items()}
+            for key, results in groups.items()}
 
 
 def site_gap(runs: list) -> dict:
@@ -120,8 +132,11 @@ def site_gap(runs: list) -> dict:
     other = {o: float(np.mean([np.mean([r["site_dice"][s][o] for s in organs if s != o]) for r in runs]))
              for o in organs}
     gaps = {o: own[o] - other[o] for o in organs}
+    # by site and phase (held-out cases, then the test cases): where the labelled-only models meet their shift
+    keys = [k for k in runs[0].get("site_phase_dice", {}) if all(k in r.get("site_phase_dice", {}) for r in runs)]
+    by_phase = {k: {o: float(np.mean([r["site_phase_dice"][k][o] for r in runs])) for o in organs} for k in keys}
     return {"gap": float(np.mean(list(gaps.values()))), "per_organ": gaps, "own_site": own, "other_sites": other,
-            "seeds": len(runs)}
+            "seeds": len(runs), "by_site_and_phase": by_phase}
 
 
 def score(model_dir: Path, manifest, work: Path, holdout: Path = None) -> dict:
@@ -131,14 +146,16 @@ def score(model_dir: Path, manifest, work: Path, holdout: Path = None) -> dict:
     from ltuda.predict import Predictor
 
     predictor = Predictor(model_dir, head="auto", device="auto")
-    cases = evaluate_cases(predictor, manifest.split("test"), manifest.classes, work)
+    test_cases = manifest.split("test")
+    cases = evaluate_cases(predictor, test_cases, manifest.classes, work)
     mean = summarise(cases, manifest.classes)["mean"]
     dice = {n: m["dice"] for n, m in mean.items()}
     hd95 = {n: m["hd95_mm"] for n, m in mean.items()}
     result = {"mean_dice": _nanmean(list(dice.values())), "per_organ_dice": dice, "per_organ_hd95_mm": hd95,
               "mean_hd95_mm": _nanmean(list(hd95.values())), "head": predictor.head}
     if holdout is not None:
-        result["site_dice"] = site_dice(predictor, holdout, work)
+        result["site_dice"], by_phase = site_dice(predictor, holdout, work)
+        result["site_phase_dice"] = {**by_phase, **_dice_by(test_cases, cases, manifest.classes, _site_phase)}
     return result
 
 
@@ -496,6 +513,14 @@ def render_markdown(results) -> str:
                       f"the other sites', {gap['seeds']} seed(s)): {gap['gap']:.3f}; per organ "
                       + ", ".join(f"{o} {gap['own_site'][o]:.3f}/{gap['other_sites'][o]:.3f}" for o in gap["per_organ"]),
                       ""]
+            if gap.get("by_site_and_phase"):
+                organs_gap = list(gap["per_organ"])
+                lines += ["Labelled-only Dice by site and contrast phase (held-out cases of the training sites, then the "
+                          "test cases; mean over seeds):", "", "| site, phase | " + " | ".join(organs_gap) + " |",
+                          "|---|" + "---|" * len(organs_gap)]
+                lines += [f"| {key} | " + " | ".join(_fmt(row[o]) for o in organs_gap) + " |"
+                          for key, row in sorted(gap["by_site_and_phase"].items(), key=lambda kv: kv[0].startswith("test"))]
+                lines.append("")
         lines += ["| method | mean Dice | spread | per seed | " + " | ".join(organs)
                   + " | mean HD95 (mm) | iterations | train s |",
                   "|---|---|---|---|" + "---|" * len(organs) + "---|---|---|"]
