@@ -85,6 +85,18 @@ def test_accuracy_benchmark_measures_the_multi_site_gap(tmp_path):
     for organ, value in gap["per_organ"].items():
         assert abs(value - (gap["own_site"][organ] - gap["other_sites"][organ])) < 1e-9
     assert entry["site_gap_labeled_only"] == gap["gap"] and set(entry["methods"]) == {"labeled-only"}
+    # the phantoms of this generator version have their own folder, so older versions' models are never reused
+    from ltuda.data.phantoms import LAYOUT_VERSIONS
+
+    model = json.loads((tmp_path / "work" / "multi-site" / "main" / "labeled-only" / "seed43" / "model" / "model.json")
+                       .read_text())
+    folder = Path(model["training"]["dataset"]).parent.name
+    assert LAYOUT_VERSIONS["multi-site"] > 1 and folder == f"phantoms-multi-site-v{LAYOUT_VERSIONS['multi-site']}"
+    assert entry["phantoms_version"] == LAYOUT_VERSIONS["multi-site"]
+    # by site and contrast phase: the smoke set's held-out kidney case is arterial (KiTS-like), its test case portal venous
+    by_phase = gap["by_site_and_phase"]
+    assert {"kidney arterial", "spleen contrast", "test contrast"} <= set(by_phase)
+    assert all(0.0 <= d <= 1.0 for row in by_phase.values() for d in row.values() if d == d)
 
 
 def test_a_setting_added_later_at_its_default_keeps_finished_runs(tmp_path):

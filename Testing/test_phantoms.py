@@ -6,14 +6,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ltuda.data.phantoms import SITES, TEST_SITE, TISSUES, generate_phantoms
+from dataclasses import fields, replace
+
+from ltuda.data import phantoms as phantoms_module
+from ltuda.data.phantoms import KIDNEY, LIVER, SITES, SPLEEN, TEST_SITE, TISSUES, generate_phantoms, make_case, sites_for
 from ltuda.data.preprocess import Preprocessing, load_case
 from ltuda.errors import LtudaError
 from ltuda.manifest import load_manifest, parse_manifest
 
 ORGANS = ("liver", "spleen", "kidney", "pancreas")
 OFFSET = {site.name: site.offset for site in SITES + (TEST_SITE,)}
-THICKNESS = {site.name: site.thickness for site in SITES + (TEST_SITE,)}
+# (min, max) slice thickness per site: a site of many scanners draws it per case
+THICKNESS = {site.name: site.thickness_range or (site.thickness, site.thickness) for site in SITES + (TEST_SITE,)}
 # Label means of real native scans (TotalSegmentator's test CT): the target of the calibration.
 NATIVE_HU = {"liver": (45, 15), "spleen": (33, 17), "kidney": (13, 23), "pancreas": (-8, 28)}
 
@@ -74,8 +78,9 @@ def test_files_exist_and_image_label_geometry_match(partial, full):
         assert np.allclose(image.GetOrigin(), label.GetOrigin())
         assert image.GetDirection() == label.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)  # LPS
         assert image.GetSize()[:2] == (96, 96)
-        assert 20 <= image.GetSize()[2] <= 70  # 100-140 mm at 2-5 mm
-        assert image.GetSpacing()[2] == pytest.approx(THICKNESS[case.extra["site"]])
+        assert 100 <= image.GetSize()[2] * image.GetSpacing()[2] <= 135  # 105-130 mm of the abdomen
+        low, high = THICKNESS[case.extra["site"]]
+        assert low - 1e-6 <= image.GetSpacing()[2] <= high + 1e-6
         assert -1024 <= array.min() and array.max() <= 3071
         assert array.min() < -900  # air around the body
 
@@ -191,16 +196,60 @@ def test_sites_differ(partial):
     sites = SITES + (TEST_SITE,)
     assert len({s.thickness for s in sites}) >= 3
     assert len({s.fov for s in sites}) >= 3 and len({s.offset for s in sites}) >= 3
-    for site in sites:  # both phases occur at every site (by case), so no organ is seen in one phase only
-        assert site.phase == "alternating" or (site.phase == "mixed" and 0 < site.contrast_share < 1)
-    assert len({s.contrast_share for s in SITES}) >= 3 and len({s.kernel for s in SITES}) >= 3
-    for name in ("liver", "spleen", "kidney", "pancreas"):
-        assert {c.extra["phase"] for c in partial.cases if c.extra["site"] == name} <= {"contrast", "native"}
+    assert len({s.kernel for s in SITES}) >= 3 and len({s.fat_mm for s in SITES}) >= 3
+    # Phases as in the public data sets: KiTS19 is arterial only, MSD spleen and NIH pancreas portal venous
+    # only, LiTS mostly portal venous; the test site alternates portal venous and native.
+    phases = {name: {c.extra["phase"] for c in partial.cases if c.extra["site"] == name} for name in ORGANS}
+    assert phases["kidney"] == {"arterial"} and phases["spleen"] == phases["pancreas"] == {"contrast"}
+    assert {s.name: s.phase for s in SITES}["liver"] == "mixed"
+    assert {c.extra["phase"] for c in partial.split("test")} == {"contrast", "native"}
     spacings = {c.extra["site"]: read(c.image)[0].GetSpacing() for c in partial.cases}
     assert len({round(s[2], 3) for s in spacings.values()}) >= 3
-    assert {c.extra["phase"] for c in partial.split("test")} == {"contrast", "native"}
     for name in TISSUES:
-        assert len(TISSUES[name]) == 5
+        assert len(TISSUES[name]) == 7, name
+
+
+def organ_hu(case, part):
+    return case.image[case.parts == part].astype(np.float64)
+
+
+def test_arterial_phase_as_in_kits19():
+    """One patient (same seed) scanned native, portal venous and arterial: in the arterial phase the kidney shows
+    cortex against medulla (a wide spread of HU inside its label), the liver is only mildly enhanced and the
+    spleen is heterogeneous."""
+    site = replace(SITES[2], noise=0.0, offset=0.0)  # the kidney site, noise-free: organ statistics only
+    cases = {phase: make_case(np.random.default_rng([5, 2, 0]), site, (96, 96), phase)
+             for phase in ("native", "contrast", "arterial")}
+    assert all(np.array_equal(cases["native"].parts, c.parts) for c in cases.values())  # the same anatomy
+    kidney = {phase: organ_hu(c, KIDNEY) for phase, c in cases.items()}
+    assert kidney["arterial"].std() > kidney["contrast"].std() + 10  # cortex ~175 HU, medulla ~75 HU
+    assert np.percentile(kidney["arterial"], 90) - np.percentile(kidney["arterial"], 10) > 70
+    liver = {phase: organ_hu(c, LIVER).mean() for phase, c in cases.items()}
+    assert liver["native"] + 8 < liver["arterial"] < liver["contrast"] - 15
+    spleen = {phase: organ_hu(c, SPLEEN) for phase, c in cases.items()}
+    assert spleen["arterial"].std() > spleen["contrast"].std() + 8
+
+
+def test_medulla_leaves_native_and_portal_venous_cases_unchanged(monkeypatch):
+    """The renal pyramids are drawn in every case but only the arterial phase renders them differently: a native
+    or portal-venous case is the same array without them (so toy-layout phantoms stayed as they were)."""
+    def rendered(phase):
+        return make_case(np.random.default_rng([7, 4, 1]), TEST_SITE, (48, 48), phase).image
+
+    with_pyramids = {phase: rendered(phase) for phase in ("native", "contrast", "arterial")}
+    monkeypatch.setattr(phantoms_module.Phantom, "_pyramids", lambda self, sl, *args: np.zeros(self.c.u[sl].shape, bool))
+    for phase in ("native", "contrast"):
+        assert np.array_equal(rendered(phase), with_pyramids[phase]), phase
+    assert not np.array_equal(rendered("arterial"), with_pyramids["arterial"])  # the test can see a difference
+
+
+def test_toy_sites_take_everything_but_label_conventions_from_the_test_site():
+    """A scanner or population field added to Site reaches the toy layout only through the test site."""
+    toy_sites, test_site = sites_for("toy")
+    for site, original in zip(toy_sites, SITES):
+        for f in fields(site):
+            expected = original if f.name in ("name", "organ", "label_values", "value_map") else test_site
+            assert getattr(site, f.name) == getattr(expected, f.name), (site.name, f.name)
 
 
 def test_toy_layout_is_one_acquisition_for_every_case(tmp_path):

@@ -98,18 +98,30 @@ def evaluate_cases(predictor, cases, classes, work: Path) -> list:
     return scores
 
 
-def site_dice(predictor, holdout_path: Path, work: Path) -> dict:
-    """{site: {organ: mean Dice}} on the held-out, fully labelled cases of each training site."""
-    from ltuda.evaluate import summarise
+def site_dice(predictor, holdout_path: Path, work: Path) -> tuple:
+    """({site: {organ: mean Dice}}, {"site phase": {organ: mean Dice}}) on the held-out, fully labelled cases
+    of each training site; the second also by contrast phase, which is what most sites differ in."""
     from ltuda.manifest import parse_manifest
 
     holdout, _ = parse_manifest(holdout_path)  # evaluation cases only: "no training cases" is expected
-    by_site = {}
-    for case in holdout.cases:
-        by_site.setdefault(case.extra["site"], []).append(case)
-    return {site: {n: m["dice"] for n, m in summarise(evaluate_cases(predictor, cases, holdout.classes, work),
-                                                       holdout.classes)["mean"].items()}
-            for site, cases in by_site.items()}
+    scores = evaluate_cases(predictor, holdout.cases, holdout.classes, work)
+    return (_dice_by(holdout.cases, scores, holdout.classes, lambda c: c.extra["site"]),
+            _dice_by(holdout.cases, scores, holdout.classes, _site_phase))
+
+
+def _site_phase(case) -> str:
+    return f"{case.extra['site']} {case.extra['phase']}"
+
+
+def _dice_by(cases, scores, classes, group) -> dict:
+    """{group(case): {organ: mean Dice over that group's cases}}."""
+    from ltuda.evaluate import summarise
+
+    groups = {}
+    for case, result in zip(cases, scores):
+        groups.setdefault(group(case), []).append(result)
+    return {key: {n: m["dice"] for n, m in summarise(results, classes)["mean"].items()}
+            for key, results in groups.items()}
 
 
 def site_gap(runs: list) -> dict:
@@ -120,8 +132,11 @@ def site_gap(runs: list) -> dict:
     other = {o: float(np.mean([np.mean([r["site_dice"][s][o] for s in organs if s != o]) for r in runs]))
              for o in organs}
     gaps = {o: own[o] - other[o] for o in organs}
+    # by site and phase (held-out cases, then the test cases): where the labelled-only models meet their shift
+    keys = [k for k in runs[0].get("site_phase_dice", {}) if all(k in r.get("site_phase_dice", {}) for r in runs)]
+    by_phase = {k: {o: float(np.mean([r["site_phase_dice"][k][o] for r in runs])) for o in organs} for k in keys}
     return {"gap": float(np.mean(list(gaps.values()))), "per_organ": gaps, "own_site": own, "other_sites": other,
-            "seeds": len(runs)}
+            "seeds": len(runs), "by_site_and_phase": by_phase}
 
 
 def score(model_dir: Path, manifest, work: Path, holdout: Path = None) -> dict:
@@ -131,14 +146,16 @@ def score(model_dir: Path, manifest, work: Path, holdout: Path = None) -> dict:
     from ltuda.predict import Predictor
 
     predictor = Predictor(model_dir, head="auto", device="auto")
-    cases = evaluate_cases(predictor, manifest.split("test"), manifest.classes, work)
+    test_cases = manifest.split("test")
+    cases = evaluate_cases(predictor, test_cases, manifest.classes, work)
     mean = summarise(cases, manifest.classes)["mean"]
     dice = {n: m["dice"] for n, m in mean.items()}
     hd95 = {n: m["hd95_mm"] for n, m in mean.items()}
     result = {"mean_dice": _nanmean(list(dice.values())), "per_organ_dice": dice, "per_organ_hd95_mm": hd95,
               "mean_hd95_mm": _nanmean(list(hd95.values())), "head": predictor.head}
     if holdout is not None:
-        result["site_dice"] = site_dice(predictor, holdout, work)
+        result["site_dice"], by_phase = site_dice(predictor, holdout, work)
+        result["site_phase_dice"] = {**by_phase, **_dice_by(test_cases, cases, manifest.classes, _site_phase)}
     return result
 
 
@@ -256,14 +273,17 @@ def paired_methods(a: dict, b: dict) -> dict:
 
 
 def make_phantoms(work: Path, protocol: str, smoke: bool) -> dict:
-    from ltuda.data.phantoms import generate_phantoms
+    from ltuda.data.phantoms import LAYOUT_VERSIONS, generate_phantoms
 
-    folder = work / f"phantoms-{protocol}"
+    # A changed generator writes to a new folder: finished runs are matched by their dataset's path, so models
+    # trained on older phantoms are not reused (version 1 keeps the original folder name and its runs).
+    version = LAYOUT_VERSIONS[protocol]
+    folder = work / (f"phantoms-{protocol}" + (f"-v{version}" if version > 1 else ""))
     size = dict(cases_per_site=2, test_cases=1, shape=(48, 48), holdout_per_site=1) if smoke else \
         dict(cases_per_site=10, test_cases=6, shape=(96, 96), holdout_per_site=4)
     partial = generate_phantoms(folder, seed=PHANTOM_SEED, layout=protocol, **size)
     return {"partial": partial, "full": partial.with_name("dataset_full.json"),
-            "holdout": partial.with_name("dataset_holdout.json")}
+            "holdout": partial.with_name("dataset_holdout.json"), "version": version}
 
 
 def _worker_init():
@@ -409,10 +429,13 @@ def main(argv=None):
                 if any(quality):  # the teacher diagnostics, per seed, for the plots
                     summary["pseudo_label_quality"] = quality
             previous = results["protocols"].get(args.protocol, {})
-            same_experiment = previous.get("preset") == args.preset and previous.get("settings") == overrides
+            # rows on another version of the phantoms are another experiment (entries before versions: 1)
+            same_experiment = (previous.get("preset") == args.preset and previous.get("settings") == overrides
+                               and previous.get("phantoms_version", 1) == phantoms["version"])
             if same_experiment:  # methods run by another invocation with the same settings stay
                 methods = {**{k: v for k, v in previous.get("methods", {}).items() if k not in methods}, **methods}
-            entry = {"preset": args.preset, "seeds": seeds, "settings": overrides, "equal_iterations": True,
+            entry = {"preset": args.preset, "phantoms_version": phantoms["version"], "seeds": seeds,
+                     "settings": overrides, "equal_iterations": True,
                      "methods": methods, "complete": complete and all(m["seeds"] == len(seeds) for m in methods.values()),
                      "commands": sorted({m["command"] for m in methods.values()}),
                      "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -420,7 +443,7 @@ def main(argv=None):
             if "ltuda" in methods:
                 entry["paired_tests"] = {f"ltuda_vs_{k}": paired_methods(methods["ltuda"], methods[k])
                                          for k in ("labeled-only", "cda") if k in methods}
-            if args.site_gap:
+            if args.site_gap and done(None, "labeled-only"):  # none when every run failed or was stopped
                 entry["site_gap"] = site_gap(done(None, "labeled-only"))
             elif previous.get("site_gap") and same_experiment:
                 entry["site_gap"] = previous["site_gap"]
@@ -481,7 +504,8 @@ def render_markdown(results) -> str:
         organs = list(next(iter(methods.values()))["per_organ_dice"])
         lines += [f"## Protocol: {protocol}" + ("" if entry.get("complete") else " (INCOMPLETE: running or stopped)"),
                   "", "Commands: " + ", ".join(f"`{c}`" for c in entry["commands"]) + "  ",
-                  f"Preset: {entry['preset']}; seeds {entry['seeds']}; settings for every method: "
+                  f"Preset: {entry['preset']}; phantoms version {entry.get('phantoms_version', 1)}; seeds "
+                  f"{entry['seeds']}; settings for every method: "
                   f"{entry.get('settings') or 'none'}; machine {entry['machine']}", ""]
         if entry.get("site_gap"):
             gap = entry["site_gap"]
@@ -489,6 +513,14 @@ def render_markdown(results) -> str:
                       f"the other sites', {gap['seeds']} seed(s)): {gap['gap']:.3f}; per organ "
                       + ", ".join(f"{o} {gap['own_site'][o]:.3f}/{gap['other_sites'][o]:.3f}" for o in gap["per_organ"]),
                       ""]
+            if gap.get("by_site_and_phase"):
+                organs_gap = list(gap["per_organ"])
+                lines += ["Labelled-only Dice by site and contrast phase (held-out cases of the training sites, then the "
+                          "test cases; mean over seeds):", "", "| site, phase | " + " | ".join(organs_gap) + " |",
+                          "|---|" + "---|" * len(organs_gap)]
+                lines += [f"| {key} | " + " | ".join(_fmt(row[o]) for o in organs_gap) + " |"
+                          for key, row in sorted(gap["by_site_and_phase"].items(), key=lambda kv: kv[0].startswith("test"))]
+                lines.append("")
         lines += ["| method | mean Dice | spread | per seed | " + " | ".join(organs)
                   + " | mean HD95 (mm) | iterations | train s |",
                   "|---|---|---|---|" + "---|" * len(organs) + "---|---|---|"]

@@ -6,6 +6,15 @@ scanner, is fully labelled and is the test set. Sites differ in noise, intensity
 thickness, in-plane spacing and contrast phase; distractors (stomach, bowel, vessels, muscle,
 gallbladder) overlap the organs in HU, so thresholding does not segment them.
 
+Sites as the real data sets (layout "multi-site", since the site-gap work of issue 12): the kidney site
+is KiTS19-like, late arterial only (bright cortex over darker pyramids, a 300 HU aorta, a barely
+enhanced liver, a zebra spleen); spleen (MSD) and pancreas (NIH) sites are portal venous only; the
+liver site (LiTS) is mostly portal venous, with slice thickness per case and large tumours; sites'
+cohorts differ in body fat. So, as in the real data, an organ can be labelled in one phase only, and
+labelled-only models meet a real shift on the other sites. The toy layout is unchanged by this
+(byte-identical files): it takes every scanner and population field from the test site, and outside
+the arterial phase the renal pyramids render exactly as the rest of the kidney.
+
 Anatomy lives in patient millimetres: u towards the patient's left, v posterior, w superior (LPS, as
 ITK's identity direction), origin at the body centre near L1. Each case samples sizes, positions,
 rotations and smooth deformations; structures are painted in order, later ones over earlier ones,
@@ -14,7 +23,7 @@ into a tissue map (for HU) and a part map (for labels), so organs never overlap 
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,52 +41,69 @@ ORGAN_PARTS = {"liver": LIVER, "spleen": SPLEEN, "kidney": KIDNEY, "pancreas": P
 FULL_VALUES = {LIVER: 1, SPLEEN: 2, KIDNEY: 3, PANCREAS: 4, LIVER_TUMOUR: 1}
 FULL_VALUE_MAP = {1: "liver", 2: "spleen", 3: "kidney", 4: "pancreas"}
 
-# Tissues: name -> (native mean, native sd, portal-venous mean, portal-venous sd, share of sd that is fine
-# texture). Organ values are set so the mean over the LABEL (with partial volume at the edges) lands on
-# real scans: native liver 45 +- 15, spleen 33 +- 17, kidney 13 +- 23, pancreas -8 +- 28 HU.
+# Tissues: name -> (native mean, native sd, portal-venous mean, portal-venous sd, arterial mean, arterial sd,
+# share of sd that is fine texture). Organ values are set so the mean over the LABEL (with partial volume at the
+# edges) lands on real scans: native liver 45 +- 15, spleen 33 +- 17, kidney 13 +- 23, pancreas -8 +- 28 HU.
+# Arterial = the late-arterial / corticomedullary phase of KiTS19 (about 35-40 s): aorta 250-350 HU, kidney
+# cortex 150-200 and medulla 60-90 (a visible cortico-medullary difference), liver only mildly enhanced 60-75
+# (its supply is mostly portal), pancreas at its peak 100-130, spleen heterogeneous (see ARTERIAL_FINE_SHARE),
+# unopacified vena cava and hepatic veins, a partly opacified portal vein.
 TISSUES = {
-    "air": (-1000, 4, -1000, 4, 0.5),
-    "table": (120, 25, 120, 25, 0.5),
-    "subcutaneous fat": (-102, 12, -100, 12, 0.5),
-    "visceral fat": (-94, 16, -92, 16, 0.5),
-    "muscle": (48, 9, 58, 10, 0.5),
-    "cancellous bone": (230, 45, 235, 45, 0.6),
-    "cortical bone": (650, 90, 650, 90, 0.5),
-    "disc": (85, 10, 90, 10, 0.5),
-    "csf": (12, 6, 14, 6, 0.5),
-    "liver": (47, 7, 102, 9, 0.6),
-    "liver vessel": (38, 6, 165, 12, 0.5),
-    "liver tumour": (26, 10, 60, 16, 0.7),
-    "spleen": (34, 10, 124, 12, 0.6),
-    "kidney": (15, 19, 184, 20, 0.6),
-    "renal sinus fat": (-85, 15, -80, 15, 0.5),
-    "urine": (8, 6, 10, 6, 0.5),
-    "kidney tumour": (36, 14, 108, 28, 0.8),
-    "pancreas": (0, 27, 114, 14, 0.7),
-    "pancreatic fat": (-60, 18, -55, 18, 0.6),
-    "aorta": (42, 7, 175, 12, 0.4),
-    "vena cava": (38, 7, 138, 12, 0.4),
-    "portal vein": (38, 7, 158, 12, 0.4),
-    "stomach wall": (40, 10, 104, 14, 0.6),
-    "fluid": (10, 8, 12, 8, 0.5),
-    "gas": (-905, 40, -905, 40, 0.5),
-    "food": (5, 40, 10, 40, 0.8),
-    "bowel wall": (42, 10, 112, 14, 0.6),
-    "collapsed bowel": (38, 14, 96, 18, 0.7),
-    "faeces": (-70, 60, -60, 60, 0.9),
-    "bile": (8, 6, 10, 6, 0.5),
+    "air": (-1000, 4, -1000, 4, -1000, 4, 0.5),
+    "table": (120, 25, 120, 25, 120, 25, 0.5),
+    "subcutaneous fat": (-102, 12, -100, 12, -100, 12, 0.5),
+    "visceral fat": (-94, 16, -92, 16, -92, 16, 0.5),
+    "muscle": (48, 9, 58, 10, 54, 10, 0.5),
+    "cancellous bone": (230, 45, 235, 45, 235, 45, 0.6),
+    "cortical bone": (650, 90, 650, 90, 650, 90, 0.5),
+    "disc": (85, 10, 90, 10, 88, 10, 0.5),
+    "csf": (12, 6, 14, 6, 13, 6, 0.5),
+    "liver": (47, 7, 102, 9, 68, 8, 0.6),
+    "liver vessel": (38, 6, 165, 12, 115, 25, 0.5),  # bright arteries, half-filled portal and unfilled hepatic veins
+    "liver tumour": (26, 10, 60, 16, 60, 20, 0.7),
+    "spleen": (34, 10, 124, 12, 120, 35, 0.6),
+    "kidney": (15, 19, 184, 20, 175, 20, 0.6),  # arterial: the cortex
+    "renal sinus fat": (-85, 15, -80, 15, -82, 15, 0.5),
+    "urine": (8, 6, 10, 6, 9, 6, 0.5),  # no excretion yet in any of the three phases
+    "kidney tumour": (36, 14, 108, 28, 125, 40, 0.8),  # clear-cell RCC: hypervascular, heterogeneous in arterial
+    "pancreas": (0, 27, 114, 14, 115, 14, 0.7),
+    "pancreatic fat": (-60, 18, -55, 18, -58, 18, 0.6),
+    "aorta": (42, 7, 175, 12, 300, 15, 0.4),
+    "vena cava": (38, 7, 138, 12, 80, 20, 0.4),  # arterial: only renal-vein inflow mixes in
+    "portal vein": (38, 7, 158, 12, 120, 15, 0.4),
+    "stomach wall": (40, 10, 104, 14, 95, 14, 0.6),
+    "fluid": (10, 8, 12, 8, 11, 8, 0.5),
+    "gas": (-905, 40, -905, 40, -905, 40, 0.5),
+    "food": (5, 40, 10, 40, 8, 40, 0.8),
+    "bowel wall": (42, 10, 112, 14, 100, 14, 0.6),  # mucosa enhances early
+    "collapsed bowel": (38, 14, 96, 18, 85, 18, 0.7),
+    "faeces": (-70, 60, -60, 60, -65, 60, 0.9),
+    "bile": (8, 6, 10, 6, 9, 6, 0.5),
+    # Appended last, so the other tissues keep their indices. The medulla (renal pyramids) is still kidney in
+    # every label. Natively and in the portal-venous (near nephrographic) phase it is rendered exactly as the
+    # kidney (SAME_AS_OUTSIDE_ARTERIAL): the cortico-medullary difference is an arterial-phase sign.
+    "kidney medulla": (15, 19, 184, 20, 75, 12, 0.6),
 }
+# Outside the arterial phase these tissues take another's per-case values (no draws of their own), so cases
+# of the native and portal-venous phases are exactly what they were before the arterial phase existed.
+SAME_AS_OUTSIDE_ARTERIAL = {"kidney medulla": "kidney"}
+# Arterial spleen: arciform ("zebra") enhancement, red and white pulp filling at different rates. Coarse,
+# so most of its sd is the low-frequency field, little is fine texture.
+ARTERIAL_FINE_SHARE = {"spleen": 0.25}
+PHASES = ("native", "contrast", "arterial")  # "contrast" = portal venous
 TISSUE_NAMES = tuple(TISSUES)
 T = {name: index for index, name in enumerate(TISSUE_NAMES)}
 
 
 @dataclass(frozen=True)
 class Site:
-    """One scanner/protocol: acquisition, intensity calibration and label conventions."""
+    """One scanner/protocol and its patients: acquisition, intensity calibration and label conventions.
+
+    The defaults of the fields after `kernel` are the test site's (and so the toy layout's) population."""
 
     name: str
     organ: str  # the one organ it labels; "all" for the fully labelled test site
-    phase: str  # "contrast" (portal venous), "native", "alternating" (by case) or "mixed" (contrast_share)
+    phase: str  # one of PHASES, "alternating" (portal venous / native by case) or "mixed" (contrast_share)
     thickness: float  # slice thickness = spacing, mm
     fov: float  # in-plane field of view, mm (spacing = fov / size)
     noise: float  # sd of the scanner noise, HU
@@ -87,39 +113,50 @@ class Site:
     value_map: dict = field(default_factory=dict)  # value in the file -> class name or "background"
     contrast_share: float = 0.5  # phase "mixed": the share of portal-venous cases
     kernel: float = 0.7  # in-plane correlation of the noise, voxels (reconstruction kernel: small = sharp)
+    thickness_range: tuple = ()  # (min, max) mm: slice thickness drawn per case instead of `thickness`
+    fat_mm: tuple = (8.0, 30.0)  # subcutaneous fat thickness range: the cohort's body habitus
+    liver_tumour_mm: tuple = (5.0, 14.0)  # radius range of liver tumours (painted in the liver site's cases)
 
 
-# Sites differ as public datasets do: protocol (the share of contrast-enhanced cases), reconstruction
-# kernel and noise, calibration, slice thickness and field of view. Every site scans both phases
-# (in its own mix), so no organ is seen labelled in one phase only.
+# Sites differ as the public datasets they stand for do: contrast phase, reconstruction kernel and noise,
+# calibration, slice thickness, field of view and patients. As in those datasets, an organ may be labelled in
+# one phase only (the kidney only arterial, as in KiTS19); the test site scans portal venous and native.
 SITES = (
-    # LiTS-like: mostly portal venous, sharp kernel
+    # LiTS-like: mostly portal venous, sharp kernel; seven centres' scanners, so slices from thin to thick
+    # (LiTS: 0.7-5 mm), and many large tumours (LiTS lesions reach well over 5 cm).
     Site("liver", "liver", "mixed", 2.5, 380.0, 14.0, 20.0, -260.0,
-         {LIVER: 1, LIVER_TUMOUR: 2}, {1: "liver", 2: "liver"}, contrast_share=0.8, kernel=0.45),
-    # MSD-spleen-like: portal venous, thick slices, smooth kernel
-    Site("spleen", "spleen", "mixed", 5.0, 420.0, 9.0, -15.0, 110.0, {SPLEEN: 1}, {1: "spleen"},
-         contrast_share=0.9, kernel=1.3),
-    # a urology protocol: mostly native (stone search), noisy low-dose scans
-    Site("kidney", "kidney", "mixed", 3.0, 350.0, 17.0, 30.0, -480.0,
-         {KIDNEY: 1, KIDNEY_TUMOUR: 2}, {1: "kidney", 2: "background"}, contrast_share=0.2, kernel=0.7),
-    # NIH-pancreas-like: portal venous, thin slices
-    Site("pancreas", "pancreas", "mixed", 2.0, 360.0, 15.0, -25.0, 40.0, {PANCREAS: 1}, {1: "pancreas"},
-         contrast_share=0.9, kernel=0.6),
+         {LIVER: 1, LIVER_TUMOUR: 2}, {1: "liver", 2: "liver"}, contrast_share=0.8, kernel=0.45,
+         thickness_range=(1.25, 5.0), liver_tumour_mm=(5.0, 30.0)),
+    # MSD-spleen-like: portal venous only (patients in chemotherapy for liver metastases), thick slices
+    # (median 5 mm), smooth kernel; oncology patients, leaner on average.
+    Site("spleen", "spleen", "contrast", 5.0, 420.0, 9.0, -15.0, 110.0, {SPLEEN: 1}, {1: "spleen"},
+         kernel=1.3, fat_mm=(5.0, 25.0)),
+    # KiTS19-like: every case late arterial / corticomedullary (pre-operative CT of renal tumours), from many
+    # referring scanners; median spacing 3 x 0.78 mm (512 px: a 400 mm field of view); an obese cohort on
+    # average (mean BMI about 30), so more subcutaneous fat.
+    Site("kidney", "kidney", "arterial", 3.0, 400.0, 17.0, 30.0, -480.0,
+         {KIDNEY: 1, KIDNEY_TUMOUR: 2}, {1: "kidney", 2: "background"}, kernel=0.7, fat_mm=(12.0, 40.0)),
+    # NIH-pancreas-like: portal venous only (about 70 s after injection), thin slices (1.5-2.5 mm)
+    Site("pancreas", "pancreas", "contrast", 2.0, 360.0, 15.0, -25.0, 40.0, {PANCREAS: 1}, {1: "pancreas"},
+         kernel=0.6),
 )
 TEST_SITE = Site("test", "all", "alternating", 4.0, 400.0, 11.0, 10.0, -150.0, FULL_VALUES, FULL_VALUE_MAP)
 LAYOUTS = ("multi-site", "toy")
+# Bump a layout's version whenever its files change: benchmarks keep each version's phantoms in their own folder,
+# so a model trained on older phantoms is never scored as if trained on these. 2: the sites as real data sets.
+LAYOUT_VERSIONS = {"multi-site": 2, "toy": 1}
 
 
 def sites_for(layout: str):
     """(training sites, test site). "multi-site": every site its own scanner, the test site another.
-    "toy": the paper's toy set, every case (training and test) from the test site's one acquisition;
+    "toy": the paper's toy set, every case (training and test) from the test site's one acquisition and population;
     training cases still label one organ each, with that organ's site conventions."""
     if layout == "multi-site":
         return SITES, TEST_SITE
     if layout != "toy":
         raise LtudaError(f"unknown phantom layout {layout!r}", fix=f"Choose one of: {', '.join(LAYOUTS)}.")
-    acquisition = {k: getattr(TEST_SITE, k) for k in ("phase", "thickness", "fov", "noise", "offset", "table_z",
-                                                      "contrast_share", "kernel")}
+    own = ("name", "organ", "label_values", "value_map")  # all else (scanner, patients) is the test site's
+    acquisition = {f.name: getattr(TEST_SITE, f.name) for f in fields(Site) if f.name not in own}
     return tuple(replace(site, **acquisition) for site in SITES), TEST_SITE
 
 
@@ -188,14 +225,16 @@ def sample_geometry(rng, site: Site, shape_xy) -> Geometry:
     nx, ny = int(shape_xy[0]), int(shape_xy[1])
     spacing_xy = site.fov * rng.uniform(0.97, 1.03) / max(nx, ny)
     coverage = rng.uniform(105.0, 130.0)
-    nz = int(round(coverage / site.thickness))
+    # A site of many scanners: thickness per case (drawn only there, so the other sites' cases keep their draws)
+    thickness = float(rng.uniform(*site.thickness_range)) if site.thickness_range else site.thickness
+    nz = int(round(coverage / thickness))
     # The scanned slab: w from about -58 (kidneys' lower poles) up to the liver's upper half.
     w_start = -58.0 + rng.normal(0.0, 5.0)
     origin_x = -spacing_xy * (nx - 1) / 2 + rng.uniform(-5, 5)
     origin_y = -spacing_xy * (ny - 1) / 2 + rng.uniform(-5, 5)
     origin = (origin_x, origin_y, site.table_z + w_start)
     centre = (rng.normal(0.0, 6.0), rng.normal(-5.0, 6.0), site.table_z)
-    return Geometry((nz, ny, nx), (spacing_xy, spacing_xy, site.thickness), origin, centre,
+    return Geometry((nz, ny, nx), (spacing_xy, spacing_xy, thickness), origin, centre,
                     math.radians(rng.normal(0.0, 4.0)))
 
 
@@ -329,7 +368,7 @@ def _jitter(rng, *sds):
 class Phantom:
     """Samples one patient and paints it on a canvas."""
 
-    def __init__(self, canvas: Canvas, rng):
+    def __init__(self, canvas: Canvas, rng, fat_mm=(8.0, 30.0)):
         self.c = canvas
         self.rng = rng
         r = rng
@@ -338,14 +377,14 @@ class Phantom:
         # has a larger outline, not squeezed organs.
         self.A = r.uniform(135, 165)  # half width, mm
         self.B = r.uniform(95, 120)  # half depth
-        self.fat = r.uniform(8, 30)  # subcutaneous fat thickness
+        self.fat = r.uniform(*fat_mm)  # subcutaneous fat thickness (the site's cohort)
         self.wall = r.uniform(7, 12)  # abdominal wall muscle thickness
         self.skin = self.wall + self.fat - 28.0  # skin outline = the A, B outline grown by this
         self.power = r.uniform(2.2, 2.7)  # body outline: superellipse, flatter than an ellipse
         self.vs = self.B - 28.0 + self.wall - r.uniform(48, 58)  # vertebral body centre, v
         self.fine_texture = smooth_field(r, canvas.geometry.shape, canvas.voxel_zyx, 7.0)  # lobules, mottling
 
-    def paint(self, liver_tumours: int = 0, kidney_tumour: bool = False):
+    def paint(self, liver_tumours: int = 0, kidney_tumour: bool = False, liver_tumour_mm=(5.0, 14.0)):
         self.table()
         self.body_wall()
         self.ribs()
@@ -361,7 +400,7 @@ class Phantom:
         self.pancreas()
         self.liver_vessels()
         for _ in range(liver_tumours):
-            self.tumour(LIVER, "liver tumour", LIVER_TUMOUR, self.rng.uniform(5, 14), inside_only=True)
+            self.tumour(LIVER, "liver tumour", LIVER_TUMOUR, self.rng.uniform(*liver_tumour_mm), inside_only=True)
         if kidney_tumour:
             self.tumour(KIDNEY, "kidney tumour", KIDNEY_TUMOUR, self.rng.uniform(8, 16), inside_only=False)
         self.great_vessels()
@@ -581,6 +620,7 @@ class Phantom:
                 continue
             sl, mask, f = hit
             self.c.paint(sl, mask, "kidney", KIDNEY)
+            self.c.paint(sl, mask & self._pyramids(sl, centre, radii, angle, f), "kidney medulla", KIDNEY)
             # Long axis in-plane: (cos a, sin a) points lateral-posterior; the hilum is at the other end.
             medial = -np.array((math.cos(angle), math.sin(angle), 0.0)) * side
             u, v, w = self.c.coords(sl)
@@ -588,6 +628,18 @@ class Phantom:
             self.c.paint(sl, mask & sinus, "renal sinus fat")
             pelvis = ellipsoid(u, v, w, centre + 0.7 * radii[0] * medial, radii * (0.25, 0.3, 0.18), angle) <= 1
             self.c.paint(sl, mask & pelvis, "urine")
+
+    def _pyramids(self, sl, centre, radii, angle, f):
+        """The renal pyramids: wedges in the inner part of the kidney (its undeformed level f), separated by
+        cortical columns, about eight around the coronal section; the outer cortex is about 8 mm thick.
+        Deterministic (no draws), so the cases' random streams are unchanged."""
+        u, v, w = self.c.coords(sl)
+        c, s = math.cos(angle), math.sin(angle)
+        du, dv = u - centre[0], v - centre[1]
+        across = (c * du + s * dv) / radii[0]  # the kidney's in-plane long axis, as ellipsoid() rotates it
+        along = (w - centre[2]) / radii[2]
+        theta = np.arctan2(along, across)
+        return (f <= 0.4) & (np.cos(8.0 * theta) > -0.3)
 
     def pancreas(self):
         """Tail at the splenic hilum, body in front of the aorta, head beside the duodenum; lobulated with fat."""
@@ -683,22 +735,33 @@ class Phantom:
 
 def tissue_luts(rng, phase: str):
     """Per-case mean and texture amplitudes per tissue (patients and contrast timing vary)."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown contrast phase {phase!r}")
     n = len(TISSUE_NAMES)
     mean, low_a, low_b, fine = (np.zeros(n, np.float32) for _ in range(4))
     enhancement = rng.uniform(0.85, 1.15)  # contrast timing / dose
     arterial = rng.uniform(0.85, 1.2)  # the aorta varies most with timing
     for i, name in enumerate(TISSUE_NAMES):
-        n_mean, n_sd, c_mean, c_sd, fine_share = TISSUES[name]
-        if phase == "contrast":
-            gain = arterial if name == "aorta" else enhancement
-            m, sd = n_mean + gain * (c_mean - n_mean), c_sd
-        else:
+        if phase != "arterial" and name in SAME_AS_OUTSIDE_ARTERIAL:
+            continue  # copied below, after every draw
+        n_mean, n_sd, c_mean, c_sd, a_mean, a_sd, fine_share = TISSUES[name]
+        if phase == "native":
             m, sd = n_mean, n_sd
-        mean[i] = m + (rng.normal(0, 4) if abs(m) < 300 else 0.0)
+        else:
+            gain = arterial if name == "aorta" else enhancement
+            e_mean, sd = (c_mean, c_sd) if phase == "contrast" else (a_mean, a_sd)
+            m = n_mean + gain * (e_mean - n_mean)
+            if phase == "arterial":
+                fine_share = ARTERIAL_FINE_SHARE.get(name, fine_share)
+        mean[i] = m + (rng.normal(0, 4) if abs(n_mean) < 300 else 0.0)  # soft tissues vary between patients
         low = sd * math.sqrt(1 - fine_share ** 2)
         angle = rng.uniform(0, 2 * math.pi)  # decorrelate neighbouring tissues' slow variations
         low_a[i], low_b[i] = low * math.cos(angle), low * math.sin(angle)
         fine[i] = sd * fine_share
+    if phase != "arterial":
+        for name, like in SAME_AS_OUTSIDE_ARTERIAL.items():
+            i, j = T[name], T[like]
+            mean[i], low_a[i], low_b[i], fine[i] = mean[j], low_a[j], low_b[j], fine[j]
     return mean, low_a, low_b, fine
 
 
@@ -735,9 +798,10 @@ class PhantomCase:
 def make_case(rng, site: Site, shape_xy, phase: str) -> PhantomCase:
     geometry = sample_geometry(rng, site, shape_xy)
     canvas = Canvas(geometry, rng)
-    phantom = Phantom(canvas, rng)
+    phantom = Phantom(canvas, rng, site.fat_mm)
     liver_tumours = int(rng.integers(1, 4)) if site.organ == "liver" else 0
-    phantom.paint(liver_tumours=liver_tumours, kidney_tumour=site.organ == "kidney")
+    phantom.paint(liver_tumours=liver_tumours, kidney_tumour=site.organ == "kidney",
+                  liver_tumour_mm=site.liver_tumour_mm)
     image = render_hu(canvas, phantom, rng, site, phase)
     return PhantomCase(image, canvas.part, geometry, phase)
 
@@ -771,6 +835,7 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: Path):
 
 
 def case_phase(site: Site, index: int) -> str:
+    """"native", "contrast" (portal venous) or "arterial" for case `index` of the site."""
     if site.phase == "alternating":
         return "contrast" if index % 2 == 0 else "native"
     if site.phase == "mixed":  # a low-discrepancy sequence: every run of cases keeps close to the share
