@@ -47,6 +47,9 @@ METHODS = {
     "oracle": ("ltuda", "partial", {"oracle_pseudo_labels": True}),
     # the ceiling with the Dice term on pseudo-targets too: what the loss could take from perfect pseudo-labels
     "oracle-pseudo-dice": ("ltuda", "partial", {"oracle_pseudo_labels": True, "pseudo_dice": True}),
+    # ... and at full weight from the first step: how much of the fully-supervised bound the loss can reach
+    "oracle-pseudo-dice-no-rampup": ("ltuda", "partial", {"oracle_pseudo_labels": True, "pseudo_dice": True,
+                                                          "pseudo_rampup_epochs": 0}),
     # lever rows: the fast recipe with one lever added
     "ltuda-pseudo-dice": ("ltuda", "partial", {"pseudo_dice": True}),
     "ltuda-gate": ("ltuda", "partial", {"pseudo_gate": 0.7, "pseudo_dice": True, "pseudo_rampup_epochs": 0}),
