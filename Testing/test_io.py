@@ -3,6 +3,8 @@
 
 import math
 import os
+import sys
+from pathlib import Path
 
 import nrrd
 import numpy as np
@@ -15,6 +17,9 @@ from ltuda.io.volumes import (
     is_dicom_folder, list_volumes, on_grid_of, read_image, read_segmentation, same_geometry, volume_stem,
 )
 from ltuda.terminology import default_classes, organ_class
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from fuzz import write_dicom_series  # noqa: E402  (the fuzzer's seed series: one writer for both)
 
 IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)
 LPS_FLIPPED = (-1, 0, 0, 0, -1, 0, 0, 0, 1)  # what a RAS-stored scan looks like in ITK's LPS space
@@ -54,31 +59,6 @@ def ijk_to_lps(image):
     matrix[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
     matrix[:3, 3] = image.GetOrigin()
     return matrix
-
-
-def write_dicom_series(image, folder):
-    """One CT DICOM file per slice, with the tags a series reader needs to rebuild the 3D geometry."""
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = image.GetDirection()
-    series = [
-        ("0008|0060", "CT"),
-        ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.1"),
-        ("0020|000e", "1.2.826.0.1.3680043.2.1125.1.2"),
-        ("0020|0037", "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))),
-        ("0018|0050", f"{image.GetSpacing()[2]:.6f}"),
-    ]
-    for k in range(image.GetSize()[2]):
-        slice_k = image[:, :, k]
-        for tag, value in series:
-            slice_k.SetMetaData(tag, value)
-        slice_k.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.1.3.{k + 1}")
-        slice_k.SetMetaData("0020|0013", str(k + 1))
-        slice_k.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))))
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(slice_k)
-    return folder
 
 
 # --- volumes -------------------------------------------------------------------------------------

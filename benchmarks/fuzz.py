@@ -128,6 +128,7 @@ def _ct(shape=(6, 18, 20), seed=0):
 
 
 def write_dicom_series(image, folder):
+    """One CT DICOM file per slice, with the tags a series reader needs to rebuild the 3D geometry."""
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -392,7 +393,6 @@ def _odd_name(rng, stem, suffix):
 
 def _geometry_check(output: Path, source: Path):
     def check():
-        from ltuda.io.segnrrd import REFERENCE_GEOMETRY  # noqa: F401
         from ltuda.io.volumes import read_image, read_segmentation
 
         labels, _ = read_segmentation(output)
@@ -411,20 +411,21 @@ def build_case(index: int, rng, env: dict, work: Path) -> Case:
     kind = rng.choices(kinds, weights)[0]
     out = folder / "out.seg.nrrd"
     base = ["--progress", "none"]
+
+    def predict_case(source, what):
+        return Case(kind, what, ["predict", "--model", str(model), "--input", str(source), "--output", str(out),
+                                 "--device", "cpu", *base], folder, _geometry_check(out, source), [source])
+
     if kind in ("nii.gz", "nii", "nrrd", "nrrd-gz", "mha"):
         seed = seeds / {"nrrd-gz": "ct_gz.nrrd"}.get(kind, f"ct.{kind}")
         suffix = ".nrrd" if kind == "nrrd-gz" else f".{kind}"
         source = folder / _odd_name(rng, "ct", suffix)
         shutil.copyfile(seed, source)
-        what = mutate_volume_file(source, rng)
-        return Case(kind, what, ["predict", "--model", str(model), "--input", str(source), "--output", str(out),
-                                 "--device", "cpu", *base], folder, _geometry_check(out, source), [source])
+        return predict_case(source, mutate_volume_file(source, rng))
     if kind == "dicom":
         source = folder / _odd_name(rng, "series", "")
         shutil.copytree(seeds / "dicom", source)
-        what = mutate_dicom_folder(source, rng)
-        return Case(kind, what, ["predict", "--model", str(model), "--input", str(source), "--output", str(out),
-                                 "--device", "cpu", *base], folder, _geometry_check(out, source), [source])
+        return predict_case(source, mutate_dicom_folder(source, rng))
     if kind == "seg.nrrd":
         target = folder / _odd_name(rng, "mutated", ".seg.nrrd")
         shutil.copyfile(seeds / "truth.seg.nrrd", target)
