@@ -99,12 +99,17 @@ def test_accuracy_benchmark_measures_the_multi_site_gap(tmp_path):
     assert all(0.0 <= d <= 1.0 for row in by_phase.values() for d in row.values() if d == d)
 
 
-def test_a_setting_added_later_at_its_default_keeps_finished_runs(tmp_path):
+def _accuracy_module():
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import accuracy
     finally:
         sys.path.remove(str(BENCHMARKS))
+    return accuracy
+
+
+def test_a_setting_added_later_at_its_default_keeps_finished_runs(tmp_path):
+    accuracy = _accuracy_module()
     from ltuda.train.config import make_config
 
     config = make_config("fast", method="ltuda", seed=43)
@@ -114,3 +119,40 @@ def test_a_setting_added_later_at_its_default_keeps_finished_runs(tmp_path):
     # set away from its default, the new setting makes it a different run
     changed = make_config("fast", method="ltuda", seed=43, pseudo_gate=0.7)
     assert accuracy._with_new_fields(recorded, changed) != recorded
+
+
+def test_a_run_stopped_part_way_resumes_and_ends_as_if_never_stopped(tiny_dataset, tmp_path, monkeypatch):
+    """A session that ends mid-run leaves a checkpoint: the next session's benchmark goes on from it, with
+    its saved random state, instead of training again from the start."""
+    import torch
+    from ltuda.manifest import load_manifest
+    from ltuda.progress import SilentReporter
+    from ltuda.train.config import make_config
+    from ltuda.train.trainer import Trainer
+
+    accuracy = _accuracy_module()
+    settings = dict(epochs_stage1=2, epochs_stage2=1, iterations_per_epoch=2, image_size=32, batch_size=2,
+                    val_fraction=0.5)
+    whole = accuracy.run_one(tiny_dataset, "ltuda", 43, "fast", settings, tmp_path / "whole", tmp_path / "cache")
+
+    class StopAfterFirstEpoch(SilentReporter):
+        def emit(self, event, **fields):
+            if event == "epoch":
+                trainer.stop_requested = True
+
+    stopped = tmp_path / "stopped"
+    trainer = Trainer(load_manifest(tiny_dataset), stopped / "model", make_config("fast", method="ltuda", seed=43,
+                      **settings), StopAfterFirstEpoch(), cache_dir=tmp_path / "cache")
+    assert trainer.run()["status"] == "cancelled"
+    other_seed = make_config("fast", method="ltuda", seed=44, **settings)
+    assert not accuracy.interrupted_training(stopped / "model", other_seed, tiny_dataset)
+
+    starts = []
+    plain_run = Trainer.run
+    monkeypatch.setattr(Trainer, "run", lambda self: starts.append(self.resume) or plain_run(self))
+    resumed = accuracy.run_one(tiny_dataset, "ltuda", 43, "fast", settings, stopped, tmp_path / "cache")
+    assert starts == [True] and resumed["iterations"] == whole["iterations"] == 6
+    weights = [torch.load(run / "model" / "model.pt", weights_only=True) for run in (tmp_path / "whole", stopped)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert resumed["mean_dice"] == whole["mean_dice"]

@@ -31,7 +31,6 @@ import multiprocessing
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +176,8 @@ def run_one(manifest_path, method, seed, preset, settings, work: Path, cache: Pa
     model_dir.mkdir(parents=True, exist_ok=True)
     meta = finished_training(model_dir, config, manifest_path)
     if meta is None:
-        outcome = Trainer(manifest, model_dir, config, SilentReporter(), cache_dir=cache).run()
+        resume = interrupted_training(model_dir, config, manifest_path)
+        outcome = Trainer(manifest, model_dir, config, SilentReporter(), cache_dir=cache, resume=resume).run()
         if outcome["status"] != "completed":
             raise RuntimeError(f"training stopped ({outcome['status']})")
         meta = json.loads((model_dir / "model.json").read_text())
@@ -203,6 +203,21 @@ def finished_training(model_dir: Path, config, manifest_path) -> dict:
     same_data = Path(training.get("dataset", "")).resolve() == Path(manifest_path).resolve()
     done = training.get("completed") and (model_dir / meta.get("weights", "model.pt")).is_file()
     return meta if same_config and same_data and done else None
+
+
+def interrupted_training(model_dir: Path, config, manifest_path) -> bool:
+    """Whether model_dir holds the checkpoint of a run with exactly this config on this dataset that was stopped
+    before it finished (a session ended): it resumes from there, with its saved random state, instead of
+    starting again."""
+    from ltuda.train.trainer import CONFIG, LAST
+
+    try:
+        saved = json.loads((model_dir / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    same_config = saved.get("config") == _with_new_fields(saved.get("config"), config)
+    same_data = Path(saved.get("dataset", "")).resolve() == Path(manifest_path).resolve()
+    return same_config and same_data and (model_dir / LAST).is_file()
 
 
 def _with_new_fields(recorded, config) -> dict:
