@@ -197,3 +197,34 @@ def test_teacher_prototype_banks_follow_the_student_by_ema():
     fake.config = make_config("fast", ema_decay=0.9, teacher_prototypes="copy")
     Trainer._ema_update(fake, step=100)
     assert torch.equal(teacher.prototypes_unlabeled, student.prototypes_unlabeled)
+
+
+@pytest.mark.parametrize("schedule", ["per-stage", "whole-run"])
+def test_the_learning_rate_restarts_per_stage_or_decays_once_over_the_run(tiny_dataset, tmp_path, schedule):
+    from ltuda.manifest import load_manifest
+    from ltuda.progress import SilentReporter
+    from ltuda.train.trainer import Trainer
+
+    class Recording(SilentReporter):
+        def emit(self, event, **fields):
+            if event == "epoch":
+                rates.append(fields["lr"])
+
+    class KeepsOptimiser(Trainer):
+        def _begin_stage(self):
+            before = self.optimizer
+            super()._begin_stage()
+            optimisers.append((before, self.optimizer))
+
+    rates, optimisers = [], []
+    config = make_config("fast", epochs_stage1=2, epochs_stage2=2, iterations_per_epoch=1, image_size=32,
+                         batch_size=2, val_fraction=0.5, lr=1e-3, lr_schedule=schedule, seed=1)
+    KeepsOptimiser(load_manifest(tiny_dataset), tmp_path / "model", config, Recording(),
+                   cache_dir=tmp_path / "cache").run()
+    half = 1e-3 * 0.5 ** 0.9
+    if schedule == "per-stage":  # the reference code: stage 2 is a new run at the full rate, a new optimiser
+        assert rates == pytest.approx([1e-3, half, 1e-3, half])
+        assert optimisers[0][0] is not optimisers[0][1]
+    else:
+        assert rates == pytest.approx([1e-3 * (1 - k / 4) ** 0.9 for k in range(4)])
+        assert optimisers[0][0] is optimisers[0][1]

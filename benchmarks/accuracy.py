@@ -54,6 +54,7 @@ METHODS = {
     "ltuda-gate": ("ltuda", "partial", {"pseudo_gate": 0.7, "pseudo_dice": True, "pseudo_rampup_epochs": 0}),
     "ltuda-reference-pbce": ("ltuda", "partial", {"pbce_scaling": "reference"}),
     "ltuda-best-start": ("ltuda", "partial", {"stage2_start": "best"}),
+    "ltuda-one-schedule": ("ltuda", "partial", {"lr_schedule": "whole-run"}),
 }
 DEFAULT_METHODS = ("fully-supervised", "labeled-only", "naive", "marginal-exclusion", "cda", "ltuda", "oracle")
 PROTOCOLS = ("toy", "multi-site")

@@ -103,6 +103,9 @@ def _build_parser() -> argparse.ArgumentParser:
                             "~13.4 M parameters (paper preset)")
     train.add_argument("--stage2-start", choices=("last", "best"), default=None,
                        help="stage 2 starts from the last or the best-validating stage-1 student (paper: best)")
+    train.add_argument("--lr-schedule", choices=("per-stage", "whole-run"), default=None,
+                       help="per-stage: each stage restarts the poly decay (paper); whole-run: one decay over all "
+                            "stages, the optimiser carried into stage 2 (short runs)")
     train.add_argument("--teacher-prototypes", choices=("copy", "ema"), default=None,
                        help="the teacher's prototype banks: copied from the student, or its EMA (paper: ema)")
     train.add_argument("--dry-run", action="store_true",
@@ -327,7 +330,7 @@ TRAIN_SETTINGS = (
     "epochs_stage1", "epochs_stage2", "iterations_per_epoch", "batch_size", "image_size", "lr", "momentum",
     "ema_decay", "pseudo_rampup_epochs", "pseudo_uncertain_below", "pseudo_gate", "pseudo_dice", "pbce_scaling",
     "dice_weight", "optimizer", "prototypes", "prototype_momentum", "strong_views", "val_fraction", "seed", "network",
-    "stage2_start", "teacher_prototypes")
+    "stage2_start", "teacher_prototypes", "lr_schedule")
 
 
 def _config_from_args(args):

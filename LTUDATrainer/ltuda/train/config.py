@@ -51,6 +51,10 @@ class TrainConfig:
     # Stage 2 starts from the "last" stage-1 student, or from the "best" (best-validating) one, as the
     # reference code does (model_best.pth).
     stage2_start: str = "last"
+    # Learning-rate decay (poly): "per-stage" restarts at lr with a fresh optimiser in each stage, as the
+    # paper does over 120 + 120 epochs; "whole-run" decays once over all stages' epochs and carries the
+    # optimiser into stage 2, so a short run does not spend stage 2 recovering from a restart.
+    lr_schedule: str = "per-stage"
     # The teacher's prototype banks: copied from the student ("copy"), or an EMA of the student's
     # ("ema"), as in the reference code where the banks are parameters.
     teacher_prototypes: str = "copy"
@@ -84,6 +88,15 @@ class TrainConfig:
     @property
     def stages(self):
         return METHOD_STAGES[self.method]
+
+    def learning_rate(self, stage_index: int, epoch: int) -> float:
+        """The poly-decayed learning rate of an epoch of the stage at stage_index."""
+        if self.lr_schedule == "whole-run":
+            done = sum(self.epochs(s) for s in self.stages[:stage_index]) + epoch
+            total = sum(self.epochs(s) for s in self.stages)
+        else:
+            done, total = epoch, self.epochs(self.stages[stage_index])
+        return self.lr * (1 - done / total) ** self.poly_power
 
     def to_json(self) -> dict:
         doc = asdict(self)

@@ -291,7 +291,7 @@ class Trainer:
                 net = self._for_stage(stage)
                 self.report.emit("stage", stage=stage, name=STAGE_NAMES[stage], epochs=cfg.epochs(stage))
                 for epoch in range(first_epoch, cfg.epochs(stage)):
-                    lr = cfg.lr * (1 - epoch / cfg.epochs(stage)) ** cfg.poly_power
+                    lr = cfg.learning_rate(stage_index, epoch)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     self.student.train()
@@ -375,7 +375,7 @@ class Trainer:
 
     def _begin_stage(self):
         """A new stage starts from the previous stage's last (or best, `stage2_start`) student; the teacher
-        restarts from it too.
+        restarts from it too, and so does the optimiser unless one learning-rate decay spans the whole run.
 
         The model is the best checkpoint of the final stage (as in the paper, per stage), so every
         head it offers has been trained.
@@ -384,7 +384,8 @@ class Trainer:
             self.student.load_state_dict(safe_torch_load(self.out_dir / BEST_STUDENT, "checkpoint"))
             self.report.log("stage 2 starts from the best-validating stage-1 student")
         self.teacher.load_state_dict(self.student.state_dict())
-        self.optimizer = self._optimizer(self.student)
+        if self.config.lr_schedule == "per-stage":
+            self.optimizer = self._optimizer(self.student)
         self.best = {"mean_dice": -1.0, "stage": None, "epoch": None, "model": None, "head": None}
 
     def _diagnose(self, stage, epoch):
