@@ -228,3 +228,40 @@ def test_the_learning_rate_restarts_per_stage_or_decays_once_over_the_run(tiny_d
     else:
         assert rates == pytest.approx([1e-3 * (1 - k / 4) ** 0.9 for k in range(4)])
         assert optimisers[0][0] is optimisers[0][1]
+
+
+def test_a_warm_up_trains_on_the_labels_only_then_ramps_the_pseudo_labels_up_from_its_end(tiny_dataset, tmp_path,
+                                                                                             monkeypatch):
+    import ltuda.train.trainer as trainer_module
+    from ltuda.manifest import load_manifest
+    from ltuda.progress import SilentReporter
+
+    steps = []  # (stage, "labels" or "pseudo", pseudo-label weight)
+
+    def recording(step, kind):
+        def wrapped(ctx, *args):
+            stage = args[-1] if kind == "pseudo" else 1
+            steps.append((stage, kind, ctx.pseudo_weight))
+            return step(ctx, *args)
+        return wrapped
+
+    monkeypatch.setattr(trainer_module, "supervised_step", recording(trainer_module.supervised_step, "labels"))
+    monkeypatch.setattr(trainer_module, "ltuda_step", recording(trainer_module.ltuda_step, "pseudo"))
+    config = make_config("fast", epochs_stage1=4, epochs_stage2=1, iterations_per_epoch=1, image_size=32,
+                         batch_size=2, val_fraction=0.5, warmup_epochs=2, pseudo_rampup_epochs=2, seed=1)
+    trainer_module.Trainer(load_manifest(tiny_dataset), tmp_path / "model", config, SilentReporter(),
+                           cache_dir=tmp_path / "cache").run()
+    assert [(stage, kind) for stage, kind, _ in steps] == [(1, "labels"), (1, "labels"), (1, "pseudo"), (1, "pseudo"),
+                                                           (2, "pseudo")]
+    # the ramp-up counts from the warm-up's end: exp(-5) at its first pseudo-label step, exp(-5/4) half-way
+    assert [weight for _, _, weight in steps[2:4]] == pytest.approx([math.exp(-5), math.exp(-1.25)])
+
+
+def test_a_warm_up_as_long_as_stage_1_is_refused_with_the_fix(tiny_dataset, tmp_path, capsys):
+    from ltuda.cli import main
+
+    code = main(["train", "--dataset", str(tiny_dataset), "--out", str(tmp_path / "model"), "--epochs-stage1", "4",
+                 "--warmup-epochs", "4", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--warmup-epochs 4" in err and "half of stage 1" in err and "Traceback" not in err
+    assert not (tmp_path / "model").exists()

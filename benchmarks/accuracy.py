@@ -55,6 +55,11 @@ METHODS = {
     "ltuda-reference-pbce": ("ltuda", "partial", {"pbce_scaling": "reference"}),
     "ltuda-best-start": ("ltuda", "partial", {"stage2_start": "best"}),
     "ltuda-one-schedule": ("ltuda", "partial", {"lr_schedule": "whole-run"}),
+    # half of stage 1 on the labels only, then pseudo-labels at full weight (the warm start of
+    # findings-small-compute.md, inside one run), alone and with one learning-rate decay
+    "ltuda-warmup": ("ltuda", "partial", {"warmup_epochs": 8, "pseudo_rampup_epochs": 0}),
+    "ltuda-warmup-one-schedule": ("ltuda", "partial", {"warmup_epochs": 8, "pseudo_rampup_epochs": 0,
+                                                       "lr_schedule": "whole-run"}),
 }
 DEFAULT_METHODS = ("fully-supervised", "labeled-only", "naive", "marginal-exclusion", "cda", "ltuda", "oracle")
 PROTOCOLS = ("toy", "multi-site")

@@ -76,6 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ("--momentum", float, "SGD momentum"),
         ("--ema-decay", float, "EMA decay of the teacher"),
         ("--pseudo-rampup-epochs", int, "epochs over which stage 1's pseudo-label loss ramps up (0: none)"),
+        ("--warmup-epochs", int, "stage 1 opens with this many of its epochs trained on the labels only (0: none)"),
         ("--pseudo-uncertain-below", float,
          "ignore unlabelled organs the teacher gives a probability in [this, 0.5) (0.5: the paper's hard rule)"),
         ("--dice-weight", float,
@@ -328,7 +329,7 @@ def _train_follower(args, manifest, out, group, silent) -> int:
 
 TRAIN_SETTINGS = (
     "epochs_stage1", "epochs_stage2", "iterations_per_epoch", "batch_size", "image_size", "lr", "momentum",
-    "ema_decay", "pseudo_rampup_epochs", "pseudo_uncertain_below", "pseudo_gate", "pseudo_dice", "pbce_scaling",
+    "ema_decay", "pseudo_rampup_epochs", "warmup_epochs", "pseudo_uncertain_below", "pseudo_gate", "pseudo_dice", "pbce_scaling",
     "dice_weight", "optimizer", "prototypes", "prototype_momentum", "strong_views", "val_fraction", "seed", "network",
     "stage2_start", "teacher_prototypes", "lr_schedule")
 
@@ -353,6 +354,9 @@ def _check_config(config):
     if not 0.0 <= config.pseudo_gate < 1.0:
         raise LtudaError(f"--pseudo-gate {config.pseudo_gate} is outside [0, 1)",
                          fix="Use 0 to always use pseudo-labels, or a teacher Dice such as 0.5.")
+    if config.warmup_epochs < 0 or (config.warmup_epochs >= config.epochs_stage1 and 1 in config.stages):
+        raise LtudaError(f"--warmup-epochs {config.warmup_epochs} is not in [0, --epochs-stage1 "
+                         f"{config.epochs_stage1})", fix="Use e.g. half of stage 1's epochs, or 0 for none.")
     if config.dice_weight < 0:
         raise LtudaError(f"--dice-weight {config.dice_weight} is negative", fix="Use 0 (the paper) or e.g. 1.")
     return config

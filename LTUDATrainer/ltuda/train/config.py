@@ -34,6 +34,9 @@ class TrainConfig:
     # Epochs over which stage 1's pseudo-label term ramps up (exp(-5(1-t)^2), mean-teacher practice);
     # 0 = full weight from the start, as the method page states.
     pseudo_rampup_epochs: int = 0
+    # Stage 1 opens with this many epochs of labelled-only training (part of its epochs): the teacher
+    # labels nothing until the student has seen every organ's own labels; the ramp-up starts after it.
+    warmup_epochs: int = 0
     seed: int = 43
     # Weight of a partial soft-Dice term added to every pBCE term on ground truth (0 = the paper's loss).
     dice_weight: float = 0.0

@@ -303,8 +303,9 @@ class Trainer:
                                 self._save_last(stage_index, epoch, iteration * world)
                             raise StopRequested()
                         batch = self.pool.batch(cfg.batch_size, self.generator)
-                        ctx.pseudo_weight = pseudo_rampup(epoch + iteration / iters, cfg.pseudo_rampup_epochs)
-                        if stage == 0:
+                        ctx.pseudo_weight = pseudo_rampup(epoch - cfg.warmup_epochs + iteration / iters,
+                                                          cfg.pseudo_rampup_epochs)
+                        if stage == 0 or (stage == 1 and epoch < cfg.warmup_epochs):
                             loss = supervised_step(ctx, net, batch)
                         else:
                             loss = ltuda_step(ctx, net, self.teacher, batch, stage)
