@@ -40,7 +40,7 @@ def test_accuracy_benchmark_learning_curve_and_settings(tmp_path):
     result = _run(tmp_path, "--seeds", "1", "--learning-curve", "1,2", "--set", "epochs_stage2=2")
     assert result.returncode == 0, result.stderr[-3000:]
     curve = json.loads((tmp_path / "results" / "accuracy.json").read_text())["learning_curve"]["toy"]
-    assert set(curve) == {"1", "2", "command"}
+    assert set(curve) == {"1", "2", "commands"} and curve["2"]["command"] == curve["commands"][0]
     assert set(curve["2"]) >= {"ltuda", "labeled-only", "ltuda_vs_labeled-only"}
     assert curve["2"]["per_seed"]["ltuda"]["43"] == curve["2"]["ltuda"]  # one seed: its mean is that seed's
 

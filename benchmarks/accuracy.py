@@ -439,8 +439,11 @@ def main(argv=None):
                     point["iterations"] = {key: chosen[key][0]["iterations"] for key in requested}
                     point["ltuda_vs_labeled-only"] = paired_test([r["mean_dice"] for r in chosen["ltuda"]],
                                                                  [r["mean_dice"] for r in chosen["labeled-only"]])
+                    point["command"] = command.strip()
                     curve[f"{factor:g}"] = point
-            curve["command"] = command.strip()
+            # each point keeps the command that gave it: a later --learning-curve 8 adds to 1,2,4
+            old_commands = [curve.pop("command")] if "command" in curve else []
+            curve["commands"] = sorted(set(curve.get("commands", old_commands)) | {command.strip()})
         else:
             methods = {}
             for key in requested:
@@ -560,12 +563,11 @@ def render_markdown(results) -> str:
                          f"seeds, one-sided paired t-test p = {_fmt(test['p_one_sided'], 4)}")
         lines.append("")
     for protocol, curve in results.get("learning_curve", {}).items():
-        lines += [f"## Learning curve: {protocol}", "", f"Command: `{curve.get('command', '')}`", "",
+        commands = curve.get("commands", [curve.get("command", "")])
+        lines += [f"## Learning curve: {protocol}", "", "Commands: " + ", ".join(f"`{c}`" for c in commands), "",
                   "| schedule | labelled-only | LTUDA | LTUDA - labelled-only | p (one-sided, paired) | seeds | "
                   "iterations |", "|---|---|---|---|---|---|---|"]
-        for factor, point in curve.items():
-            if factor == "command":
-                continue
+        for factor, point in _curve_points(curve):
             lo, lt = point.get("labeled-only"), point.get("ltuda")
             gap = lt - lo if lo is not None and lt is not None else None
             test = point.get("ltuda_vs_labeled-only", {})
@@ -573,6 +575,11 @@ def render_markdown(results) -> str:
                          f"{point['seeds']} | {point.get('iterations', {}).get('ltuda', '')} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _curve_points(curve: dict) -> list:
+    """(factor, point) of a learning curve, by factor (the other keys record commands)."""
+    return sorted(((k, v) for k, v in curve.items() if isinstance(v, dict)), key=lambda item: float(item[0]))
 
 
 def plot(results: dict, path: Path):
@@ -602,7 +609,7 @@ def plot(results: dict, path: Path):
         ax.set_title(f"{protocol}: equal iterations, {len(entry['seeds'])} seeds")
         plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
     for ax, (protocol, curve) in zip(axes[0][len(protocols):], curves):
-        factors = sorted((k for k in curve if k != "command"), key=float)
+        factors = [factor for factor, _ in _curve_points(curve)]
         for key, colour in (("labeled-only", "#888888"), ("ltuda", "#d35f3c")):
             xs = [float(f) for f in factors if key in curve[f]]
             ax.plot(xs, [curve[f][key] for f in factors if key in curve[f]], "o-", color=colour, label=key)
