@@ -66,6 +66,16 @@ def test_accuracy_benchmark_learning_curve_and_settings(tmp_path):
     assert weights[-1].stat().st_mtime_ns != stamps[-1] or weights[-2].stat().st_mtime_ns != stamps[-2]
 
 
+def test_accuracy_benchmark_development_data_is_other_phantoms_and_seeds(tmp_path):
+    result = _run(tmp_path, "--dev", "--seeds", "1", "--methods", "labeled-only")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "results" / "accuracy.json").read_text())["protocols"]["toy"]["seeds"] == [100]
+    dev = (tmp_path / "work" / "phantoms-toy" / "images" / "liver_000.nii.gz").read_bytes()
+    reported = _run(tmp_path / "reported", "--seeds", "1", "--methods", "labeled-only")
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    assert (tmp_path / "reported" / "work" / "phantoms-toy" / "images" / "liver_000.nii.gz").read_bytes() != dev
+
+
 def test_accuracy_benchmark_rejects_unknown_methods_and_settings(tmp_path):
     for args, message in ((["--methods", "labeled-only,magic"], "unknown magic"),
                           (["--set", "seed=3"], "expected KEY=VALUE"), (["--set", "lr"], "expected KEY=VALUE"),
