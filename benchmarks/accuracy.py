@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py --protocol toy --seeds 5 --jobs 2
     python benchmarks/accuracy.py --protocol toy --learning-curve 1,2,4 --seeds 5 --jobs 2
     python benchmarks/accuracy.py --protocol toy --methods labeled-only,ltuda --set pseudo_gate=0 ...
+    python benchmarks/accuracy.py --dev --protocol toy --seeds 3 ...   # choose a recipe here, not on the above
 
 Protocols (phantom seed 1000, fixed before any method was tuned):
 - toy: the paper's toy set. Every case comes from one acquisition; four groups of training cases each
