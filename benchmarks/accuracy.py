@@ -210,10 +210,8 @@ def finished_training(model_dir: Path, config, manifest_path) -> dict:
         training = meta["training"]
     except (OSError, ValueError, KeyError):
         return None
-    same_config = training.get("config") == _with_new_fields(training.get("config"), config)
-    same_data = Path(training.get("dataset", "")).resolve() == Path(manifest_path).resolve()
     done = training.get("completed") and (model_dir / meta.get("weights", "model.pt")).is_file()
-    return meta if same_config and same_data and done else None
+    return meta if done and _same_run(training, config, manifest_path) else None
 
 
 def interrupted_training(model_dir: Path, config, manifest_path) -> bool:
@@ -226,9 +224,13 @@ def interrupted_training(model_dir: Path, config, manifest_path) -> bool:
         saved = json.loads((model_dir / CONFIG).read_text())
     except (OSError, ValueError):
         return False
-    same_config = saved.get("config") == _with_new_fields(saved.get("config"), config)
-    same_data = Path(saved.get("dataset", "")).resolve() == Path(manifest_path).resolve()
-    return same_config and same_data and (model_dir / LAST).is_file()
+    return (model_dir / LAST).is_file() and _same_run(saved, config, manifest_path)
+
+
+def _same_run(recorded: dict, config, manifest_path) -> bool:
+    """Whether a run's recorded "config" and "dataset" are this config on this dataset."""
+    same_config = recorded.get("config") == _with_new_fields(recorded.get("config"), config)
+    return same_config and Path(recorded.get("dataset", "")).resolve() == Path(manifest_path).resolve()
 
 
 def _with_new_fields(recorded, config) -> dict:
@@ -451,8 +453,7 @@ def main(argv=None):
                     point["command"] = command.strip()
                     curve[f"{factor:g}"] = point
             # each point keeps the command that gave it: a later --learning-curve 8 adds to 1,2,4
-            old_commands = [curve.pop("command")] if "command" in curve else []
-            curve["commands"] = sorted(set(curve.get("commands", old_commands)) | {command.strip()})
+            curve["commands"] = sorted(set(curve.get("commands", [])) | {command.strip()})
         else:
             methods = {}
             for key in requested:
@@ -572,8 +573,8 @@ def render_markdown(results) -> str:
                          f"seeds, one-sided paired t-test p = {_fmt(test['p_one_sided'], 4)}")
         lines.append("")
     for protocol, curve in results.get("learning_curve", {}).items():
-        commands = curve.get("commands", [curve.get("command", "")])
-        lines += [f"## Learning curve: {protocol}", "", "Commands: " + ", ".join(f"`{c}`" for c in commands), "",
+        lines += [f"## Learning curve: {protocol}", "",
+                  "Commands: " + ", ".join(f"`{c}`" for c in curve.get("commands", [])), "",
                   "| schedule | labelled-only | LTUDA | LTUDA - labelled-only | p (one-sided, paired) | seeds | "
                   "iterations |", "|---|---|---|---|---|---|---|"]
         for factor, point in _curve_points(curve):
