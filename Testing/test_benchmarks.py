@@ -40,7 +40,7 @@ def test_accuracy_benchmark_learning_curve_and_settings(tmp_path):
     result = _run(tmp_path, "--seeds", "1", "--learning-curve", "1,2", "--set", "epochs_stage2=2")
     assert result.returncode == 0, result.stderr[-3000:]
     curve = json.loads((tmp_path / "results" / "accuracy.json").read_text())["learning_curve"]["toy"]
-    assert set(curve) == {"1", "2", "commands"} and curve["2"]["command"] == curve["commands"][0]
+    assert set(curve) == {"1", "2", "commands"} and curve["2"]["commands"]["ltuda"] == curve["commands"][0]
     assert set(curve["2"]) >= {"ltuda", "labeled-only", "ltuda_vs_labeled-only"}
     assert curve["2"]["per_seed"]["ltuda"]["43"] == curve["2"]["ltuda"]  # one seed: its mean is that seed's
 
@@ -60,6 +60,13 @@ def test_accuracy_benchmark_learning_curve_and_settings(tmp_path):
     point = json.loads((tmp_path / "results" / "accuracy.json").read_text())["learning_curve"]["toy"]["2"]
     assert (point["ltuda"], point["labeled-only"], point["per_seed"]) == (curve["2"]["ltuda"],
                                                                          curve["2"]["labeled-only"], curve["2"]["per_seed"])
+    # another recipe joins the curve's points beside LTUDA's, which stay as they were
+    other = _run(tmp_path, "--seeds", "1", "--learning-curve", "2", "--methods", "ltuda-rampup", "--set", "epochs_stage2=2")
+    assert other.returncode == 0, other.stderr[-3000:]
+    joined = json.loads((tmp_path / "results" / "accuracy.json").read_text())["learning_curve"]["toy"]
+    assert joined["2"]["ltuda"] == curve["2"]["ltuda"] and joined["1"] == curve["1"]
+    assert "ltuda-rampup_vs_labeled-only" in joined["2"] and len(joined["commands"]) == 2
+    assert "| x2 | ltuda-rampup |" in (tmp_path / "results" / "accuracy.md").read_text()
     # a different setting is a different run: trained again
     changed = _run(tmp_path, "--seeds", "1", "--learning-curve", "2", "--set", "epochs_stage2=1")
     assert changed.returncode == 0, changed.stderr[-3000:]
@@ -116,6 +123,26 @@ def _accuracy_module():
     finally:
         sys.path.remove(str(BENCHMARKS))
     return accuracy
+
+
+def test_rows_keep_their_recipe_and_a_learning_curve_scales_all_of_its_schedule():
+    accuracy = _accuracy_module()
+
+    from ltuda.train.config import make_config
+
+    def settings(key, factor=1, overrides=None):  # resolved: the preset under the row's settings
+        return make_config("fast", **accuracy.method_settings(key, "fast", overrides or {}, factor)[2]).to_json()
+    # the shipped recipe, at twice the schedule: its warm-up stays half of stage 1
+    assert {k: settings("ltuda", 2)[k] for k in ("epochs_stage1", "epochs_stage2", "warmup_epochs", "lr_schedule")} == \
+        {"epochs_stage1": 32, "epochs_stage2": 12, "warmup_epochs": 16, "lr_schedule": "whole-run"}
+    # a row measured with the ramp-up recipe keeps it, scaled the way its finished runs were
+    assert {k: settings("ltuda-rampup", 2)[k] for k in ("warmup_epochs", "pseudo_rampup_epochs", "lr_schedule")} == \
+        {"warmup_epochs": 0, "pseudo_rampup_epochs": 24, "lr_schedule": "per-stage"}
+    assert settings("oracle")["pseudo_rampup_epochs"] == 12 and settings("cda-rampup")["lr_schedule"] == "per-stage"
+    # a method without pseudo-labels ignores the recipe, so it records the values its finished runs have ...
+    assert accuracy.method_settings("labeled-only", "fast", {})[2] == {**accuracy.RAMPUP_RECIPE, "epochs_stage1": 22}
+    # ... unless the benchmark is told otherwise
+    assert settings("labeled-only", overrides={"warmup_epochs": 4})["warmup_epochs"] == 4
 
 
 def test_a_setting_added_later_at_its_default_keeps_finished_runs(tmp_path):

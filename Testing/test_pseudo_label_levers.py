@@ -3,6 +3,7 @@ per-organ gate, the Dice term on pseudo-targets, the oracle ceiling and the teac
 
 import contextlib
 import copy
+import json
 import math
 
 import numpy as np
@@ -265,3 +266,18 @@ def test_a_warm_up_as_long_as_stage_1_is_refused_with_the_fix(tiny_dataset, tmp_
     err = capsys.readouterr().err
     assert code != 0 and "--warmup-epochs 4" in err and "half of stage 1" in err and "Traceback" not in err
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("stage1_flags, expected", [([], 8), (["--epochs-stage1", "4"], 2), (["--epochs-stage1", "1"], 0),
+                                                    (["--epochs-stage1", "4", "--warmup-epochs", "1"], 1)])
+def test_the_fast_presets_warm_up_keeps_its_share_of_a_changed_stage_1(tiny_dataset, tmp_path, capsys, stage1_flags,
+                                                                       expected):
+    """Half of the fast preset's stage 1 is its warm-up: a user who shortens stage 1 keeps a half-length warm-up
+    (not a refusal, nor a stage 1 with no pseudo-labels left), unless they set the warm-up themselves."""
+    from ltuda.cli import main
+
+    code = main(["train", "--dataset", str(tiny_dataset), "--out", str(tmp_path / "model"), "--preset", "fast",
+                 *stage1_flags, "--dry-run"])
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    assert code == 0 and settings["warmup_epochs"] == expected
+    assert settings["pseudo_rampup_epochs"] == 0 and settings["lr_schedule"] == "whole-run"

@@ -36,6 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
+# The fast preset's recipe until stop 21: no warm-up, a 12-epoch ramp-up of the pseudo-label term and the
+# learning rate restarted per stage. The rows measured with it keep it by name, so their finished runs
+# stay theirs after the preset moved to the warm-up recipe.
+RAMPUP_RECIPE = {"warmup_epochs": 0, "pseudo_rampup_epochs": 12, "lr_schedule": "per-stage"}
+
 METHODS = {
     # key: (trainer method, dataset variant, settings on top of the preset)
     "fully-supervised": ("labeled-only", "full", {}),
@@ -43,22 +48,27 @@ METHODS = {
     "naive": ("naive", "partial", {}),
     "marginal-exclusion": ("marginal-exclusion", "partial", {}),
     "cda": ("cda", "partial", {}),
+    "cda-rampup": ("cda", "partial", RAMPUP_RECIPE),
     "ltuda": ("ltuda", "partial", {}),
-    "oracle": ("ltuda", "partial", {"oracle_pseudo_labels": True}),
+    "ltuda-rampup": ("ltuda", "partial", RAMPUP_RECIPE),
+    # the ceiling: true labels as pseudo-labels (measured with the ramp-up recipe)
+    "oracle": ("ltuda", "partial", {**RAMPUP_RECIPE, "oracle_pseudo_labels": True}),
     # the ceiling with the Dice term on pseudo-targets too: what the loss could take from perfect pseudo-labels
-    "oracle-pseudo-dice": ("ltuda", "partial", {"oracle_pseudo_labels": True, "pseudo_dice": True}),
+    "oracle-pseudo-dice": ("ltuda", "partial", {**RAMPUP_RECIPE, "oracle_pseudo_labels": True, "pseudo_dice": True}),
     # ... and at full weight from the first step: how much of the fully-supervised bound the loss can reach
-    "oracle-pseudo-dice-no-rampup": ("ltuda", "partial", {"oracle_pseudo_labels": True, "pseudo_dice": True,
-                                                          "pseudo_rampup_epochs": 0}),
-    # lever rows: the fast recipe with one lever added
-    "ltuda-pseudo-dice": ("ltuda", "partial", {"pseudo_dice": True}),
-    "ltuda-gate": ("ltuda", "partial", {"pseudo_gate": 0.7, "pseudo_dice": True, "pseudo_rampup_epochs": 0}),
-    "ltuda-reference-pbce": ("ltuda", "partial", {"pbce_scaling": "reference"}),
-    "ltuda-best-start": ("ltuda", "partial", {"stage2_start": "best"}),
-    "ltuda-one-schedule": ("ltuda", "partial", {"lr_schedule": "whole-run"}),
+    "oracle-pseudo-dice-no-rampup": ("ltuda", "partial", {**RAMPUP_RECIPE, "oracle_pseudo_labels": True,
+                                                          "pseudo_dice": True, "pseudo_rampup_epochs": 0}),
+    # lever rows: the ramp-up recipe with one lever added
+    "ltuda-pseudo-dice": ("ltuda", "partial", {**RAMPUP_RECIPE, "pseudo_dice": True}),
+    "ltuda-gate": ("ltuda", "partial", {**RAMPUP_RECIPE, "pseudo_gate": 0.7, "pseudo_dice": True,
+                                        "pseudo_rampup_epochs": 0}),
+    "ltuda-reference-pbce": ("ltuda", "partial", {**RAMPUP_RECIPE, "pbce_scaling": "reference"}),
+    "ltuda-best-start": ("ltuda", "partial", {**RAMPUP_RECIPE, "stage2_start": "best"}),
+    "ltuda-one-schedule": ("ltuda", "partial", {**RAMPUP_RECIPE, "lr_schedule": "whole-run"}),
     # half of stage 1 on the labels only, then pseudo-labels at full weight (the warm start of
-    # findings-small-compute.md, inside one run), alone and with one learning-rate decay
-    "ltuda-warmup": ("ltuda", "partial", {"warmup_epochs": 8, "pseudo_rampup_epochs": 0}),
+    # findings-small-compute.md, inside one run), alone and with one learning-rate decay: the second
+    # became the fast preset's recipe
+    "ltuda-warmup": ("ltuda", "partial", {"warmup_epochs": 8, "pseudo_rampup_epochs": 0, "lr_schedule": "per-stage"}),
     "ltuda-warmup-one-schedule": ("ltuda", "partial", {"warmup_epochs": 8, "pseudo_rampup_epochs": 0,
                                                        "lr_schedule": "whole-run"}),
 }
@@ -72,24 +82,20 @@ DEV_PHANTOM_SEED = 7
 DEV_FIRST_SEED = 100
 
 
-def scaled_schedule(preset: str, overrides: dict, factor: float) -> dict:
-    """The preset's schedule (epochs and ramp-up) times `factor`, under the given overrides."""
-    from ltuda.train.config import make_config
-
-    if factor == 1:
-        return dict(overrides)
-    config = make_config(preset, **overrides)
-    return {**overrides, "epochs_stage1": round(config.epochs_stage1 * factor),
-            "epochs_stage2": round(config.epochs_stage2 * factor),
-            "pseudo_rampup_epochs": round(config.pseudo_rampup_epochs * factor)}
-
-
-def method_settings(key: str, preset: str, overrides: dict) -> tuple:
-    """(trainer method, dataset variant, settings): one-stage methods get both stages' epochs."""
+def method_settings(key: str, preset: str, overrides: dict, factor: float = 1) -> tuple:
+    """(trainer method, dataset variant, settings) of a benchmark row, its schedule (epochs, warm-up and
+    ramp-up) times `factor`; one-stage methods get both stages' epochs."""
     from ltuda.train.config import METHOD_STAGES, make_config
 
     method, variant, extra = METHODS[key]
-    settings = {**overrides, **extra}
+    # The recipe settings shape only stage 1's pseudo-label term and the stage-2 restart: a method without
+    # stage 1 trains the same under any of them, so they stay at the values its finished runs recorded.
+    inert = RAMPUP_RECIPE if 1 not in METHOD_STAGES[method] else {}
+    settings = {**inert, **overrides, **extra}
+    if factor != 1:
+        config = make_config(preset, **settings)
+        settings.update({name: round(getattr(config, name) * factor) for name in
+                         ("epochs_stage1", "epochs_stage2", "warmup_epochs", "pseudo_rampup_epochs")})
     if len(METHOD_STAGES[method]) < len(METHOD_STAGES["ltuda"]):
         config = make_config(preset, **settings)
         settings["epochs_stage1"] = config.epochs_stage1 + config.epochs_stage2
@@ -362,7 +368,8 @@ def main(argv=None):
     parser.add_argument("--set", dest="settings", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
                         help="a training setting for every method, e.g. --set epochs_stage1=32 (repeatable)")
     parser.add_argument("--learning-curve", default=None, metavar="FACTORS",
-                        help="e.g. 1,2,4: train labeled-only and ltuda at these multiples of the schedule")
+                        help="e.g. 1,2,4: train labeled-only and ltuda (or the --methods given) at these multiples "
+                             "of the schedule")
     parser.add_argument("--site-gap", action="store_true",
                         help="measure the protocol's site gap: labelled-only's Dice on held-out cases of the site "
                              "that labels each organ minus the other sites'")
@@ -382,8 +389,9 @@ def main(argv=None):
         factors = [float(f) for f in args.learning_curve.split(",")] if args.learning_curve else []
     except ValueError:
         parser.error(f"--learning-curve: expected numbers such as 1,2,4, got {args.learning_curve!r}")
-    if factors:
-        requested = ["labeled-only", "ltuda"]
+    if factors:  # labelled-only against LTUDA, or against the recipes --methods names
+        chosen = requested if args.methods != parser.get_default("methods") else ["ltuda"]
+        requested = ["labeled-only"] + [key for key in chosen if key != "labeled-only"]
     if args.site_gap:
         requested = ["labeled-only"]
     here = Path(__file__).resolve().parent
@@ -408,8 +416,7 @@ def main(argv=None):
     for factor in points:
         for seed in seeds:
             for key in requested:
-                schedule = scaled_schedule(args.preset, overrides, factor or 1)
-                method, variant, settings = method_settings(key, args.preset, schedule)
+                method, variant, settings = method_settings(key, args.preset, overrides, factor or 1)
                 # 1x is the main benchmark's run with the same settings: one folder, so it is trained once
                 point = f"x{factor:g}" if factor and factor != 1 else "main"
                 folder = work / args.protocol / point / key / f"seed{seed}"
@@ -441,17 +448,20 @@ def main(argv=None):
             for factor in factors:
                 # the seeds every method finished at this point: a partial point still compares pairs
                 paired = [s for s in seeds if all(s in runs[(factor, key)] for key in requested)]
-                if paired:
-                    chosen = {key: [runs[(factor, key)][s] for s in paired] for key in requested}
-                    point = {key: summarise_seeds(chosen[key])["mean_dice"] for key in requested}
-                    point["seeds"] = len(paired)
-                    point["per_seed"] = {key: dict(zip(map(str, paired), (r["mean_dice"] for r in chosen[key])))
-                                         for key in requested}
-                    point["iterations"] = {key: chosen[key][0]["iterations"] for key in requested}
-                    point["ltuda_vs_labeled-only"] = paired_test([r["mean_dice"] for r in chosen["ltuda"]],
-                                                                 [r["mean_dice"] for r in chosen["labeled-only"]])
-                    point["command"] = command.strip()
-                    curve[f"{factor:g}"] = point
+                if not paired:
+                    continue
+                # a point holds every recipe measured at it: this run replaces only its own methods' entries
+                point = curve.setdefault(f"{factor:g}", {})
+                for key in requested:
+                    dice = [runs[(factor, key)][s]["mean_dice"] for s in paired]
+                    point[key] = summarise_seeds([runs[(factor, key)][s] for s in paired])["mean_dice"]
+                    point.setdefault("per_seed", {})[key] = dict(zip(map(str, paired), dice))
+                    point.setdefault("seeds", {})[key] = len(paired)
+                    point.setdefault("iterations", {})[key] = runs[(factor, key)][paired[0]]["iterations"]
+                    point.setdefault("commands", {})[key] = command.strip()
+                    if key != "labeled-only":
+                        point[f"{key}_vs_labeled-only"] = paired_test(
+                            dice, [runs[(factor, "labeled-only")][s]["mean_dice"] for s in paired])
             # each point keeps the command that gave it: a later --learning-curve 8 adds to 1,2,4
             curve["commands"] = sorted(set(curve.get("commands", [])) | {command.strip()})
         else:
@@ -575,14 +585,14 @@ def render_markdown(results) -> str:
     for protocol, curve in results.get("learning_curve", {}).items():
         lines += [f"## Learning curve: {protocol}", "",
                   "Commands: " + ", ".join(f"`{c}`" for c in curve.get("commands", [])), "",
-                  "| schedule | labelled-only | LTUDA | LTUDA - labelled-only | p (one-sided, paired) | seeds | "
-                  "iterations |", "|---|---|---|---|---|---|---|"]
+                  "| schedule | recipe | labelled-only | recipe's Dice | gain over labelled-only | p (one-sided, paired) "
+                  "| seeds | iterations |", "|---|---|---|---|---|---|---|---|"]
         for factor, point in _curve_points(curve):
-            lo, lt = point.get("labeled-only"), point.get("ltuda")
-            gap = lt - lo if lo is not None and lt is not None else None
-            test = point.get("ltuda_vs_labeled-only", {})
-            lines.append(f"| x{factor} | {_fmt(lo)} | {_fmt(lt)} | {_fmt(gap)} | {_fmt(test.get('p_one_sided'), 3)} | "
-                         f"{point['seeds']} | {point.get('iterations', {}).get('ltuda', '')} |")
+            for key in _curve_recipes(point):
+                test = point[f"{key}_vs_labeled-only"]
+                lines.append(f"| x{factor} | {key} | {_fmt(point.get('labeled-only'))} | {_fmt(point[key])} | "
+                             f"{_fmt(test['mean_gain'])} | {_fmt(test['p_one_sided'], 3)} | {point['seeds'][key]} | "
+                             f"{point['iterations'][key]} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -590,6 +600,12 @@ def render_markdown(results) -> str:
 def _curve_points(curve: dict) -> list:
     """(factor, point) of a learning curve, by factor (the other keys record commands)."""
     return sorted(((k, v) for k, v in curve.items() if isinstance(v, dict)), key=lambda item: float(item[0]))
+
+
+def _curve_recipes(point: dict) -> list:
+    """The methods a learning-curve point compares with labelled-only, the shipped recipe (ltuda) first."""
+    keys = [k[:-len("_vs_labeled-only")] for k in point if k.endswith("_vs_labeled-only")]
+    return sorted(keys, key=lambda k: (k != "ltuda", k))
 
 
 def plot(results: dict, path: Path):
@@ -620,7 +636,8 @@ def plot(results: dict, path: Path):
         plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
     for ax, (protocol, curve) in zip(axes[0][len(protocols):], curves):
         factors = [factor for factor, _ in _curve_points(curve)]
-        for key, colour in (("labeled-only", "#888888"), ("ltuda", "#d35f3c")):
+        recipes = sorted({k for f in factors for k in _curve_recipes(curve[f])}, key=lambda k: (k != "ltuda", k))
+        for key, colour in zip(["labeled-only"] + recipes, ["#888888", "#d35f3c", "#3c7dd3", "#5fa35f", "#a35fa3"]):
             xs = [float(f) for f in factors if key in curve[f]]
             ax.plot(xs, [curve[f][key] for f in factors if key in curve[f]], "o-", color=colour, label=key)
         ax.set_xscale("log", base=2)

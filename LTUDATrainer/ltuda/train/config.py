@@ -126,9 +126,11 @@ PRESETS = {
     # A small network on 64x64 slices that trains in minutes on a laptop CPU. A schedule of a few
     # hundred iterations (the paper runs ~94k) needs AdamW and a faster-moving teacher; a Dice term
     # on the labels so that small organs (pancreas) are learnt at all in that time; and, while the
-    # teacher cannot yet find small organs in other sites' images, a slow ramp-up of the pseudo-label
-    # term and ignoring (not calling background) the pixels it is unsure of. Without the last two,
-    # those organs' own labels lose against "background" pseudo-labels from every other site.
+    # teacher cannot yet find small organs in other sites' images, half of stage 1 on the labels only
+    # (the teacher labels nothing before it has seen every organ) and ignoring (not calling background)
+    # the pixels it is unsure of. Without them, those organs' own labels lose against "background"
+    # pseudo-labels from every other site. One learning-rate decay over both stages, so that the short
+    # stage 2 does not restart at the full rate (benchmarks/results/recipe-choice-dev.md chose this).
     "fast": {
         "epochs_stage1": 16,
         "epochs_stage2": 6,
@@ -140,7 +142,9 @@ PRESETS = {
         "lr": 3e-3,
         "ema_decay": 0.99,
         "prototype_momentum": 0.99,
-        "pseudo_rampup_epochs": 12,
+        "warmup_epochs": 8,
+        "pseudo_rampup_epochs": 0,
+        "lr_schedule": "whole-run",
         "pseudo_uncertain_below": 0.2,
         "dice_weight": 1.0,
     },
@@ -154,5 +158,8 @@ def make_config(preset: str = "paper", **overrides) -> TrainConfig:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides.get("network", values.get("network")) != values.get("network") and "features" not in overrides:
         values.pop("features", None)  # the preset's widths belong to its own network
+    if "epochs_stage1" in overrides and "warmup_epochs" not in overrides and values.get("warmup_epochs"):
+        # the preset's warm-up is a share of its stage 1, and keeps that share of a shorter or longer one
+        values["warmup_epochs"] = values["warmup_epochs"] * overrides["epochs_stage1"] // values["epochs_stage1"]
     values.update(overrides)
     return TrainConfig(preset=preset, **values)

@@ -64,6 +64,7 @@ def finetune_config(parent_doc: dict, model_dir, overrides: dict) -> TrainConfig
     config.epochs_stage1 = max(1, round(config.epochs_stage1 * SCHEDULE_FRACTION))
     config.epochs_stage2 = max(1, round(config.epochs_stage2 * SCHEDULE_FRACTION))
     config.pseudo_rampup_epochs = 0
+    config.warmup_epochs = 0  # the parent's teacher already sees every organ
     config.extra = {}
     for key, value in overrides.items():
         if value is not None:
