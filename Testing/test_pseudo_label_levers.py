@@ -281,3 +281,34 @@ def test_the_fast_presets_warm_up_keeps_its_share_of_a_changed_stage_1(tiny_data
     settings = json.loads(capsys.readouterr().out)["settings"]
     assert code == 0 and settings["warmup_epochs"] == expected
     assert settings["pseudo_rampup_epochs"] == 0 and settings["lr_schedule"] == "whole-run"
+
+
+@pytest.mark.parametrize("confident_above, expected", [(0.5, [0.0, 1.0, 1.0, 0.0]), (0.9, [0.0, IGNORE, 1.0, 0.0])])
+def test_unsure_teacher_positives_are_ignored_above_the_paper_rule(confident_above, expected):
+    """Organ 2 is unlabelled in this case: the teacher's 0.7 is a positive under the paper's rule and
+    ignored under a 0.9 threshold; its 0.95 is a positive under both. The labelled organ's own pixel is a
+    known negative of organ 2 whatever the teacher says."""
+    def logit(p):
+        return math.log(p / (1 - p))
+
+    class Teacher:
+        def __call__(self, images, heads):
+            organ1 = [logit(0.99), logit(0.01), logit(0.01), logit(0.01)]
+            organ2 = [logit(0.95), logit(0.7), logit(0.95), logit(0.1)]
+            return {"linear": torch.tensor([[organ1, organ2]]).view(1, 2, 1, 4)}
+
+    labels = torch.tensor([[[1, 0, 0, 0]]])
+    labeled = torch.tensor([[True, False]])
+    _, target = make_pseudo_labels(Teacher(), torch.zeros(1, 1, 1, 4), labels, labeled, contextlib.nullcontext,
+                                   0.5, None, confident_above)
+    assert target[0, 1, 0].tolist() == expected
+    assert target[0, 0, 0].tolist() == [1.0, 0.0, 0.0, 0.0]  # the labelled organ is its ground truth
+
+
+def test_a_confidence_threshold_outside_its_range_is_refused_with_the_fix(tiny_dataset, tmp_path, capsys):
+    from ltuda.cli import main
+
+    code = main(["train", "--dataset", str(tiny_dataset), "--out", str(tmp_path / "model"),
+                 "--pseudo-confident-above", "0.3", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--pseudo-confident-above 0.3" in err and "0.9" in err and "Traceback" not in err

@@ -68,6 +68,9 @@ METHODS = {
     # half of stage 1 on the labels only, then pseudo-labels at full weight (the warm start of
     # findings-small-compute.md, inside one run), alone and with one learning-rate decay: the second
     # became the fast preset's recipe
+    # the shipped recipe with positive pseudo-labels only where the teacher is sure (p >= 0.9, FixMatch's rule;
+    # the rest of [0.5, 0.9) ignored): the teacher's pancreas pseudo-labels are 30-38% precise
+    "ltuda-confident": ("ltuda", "partial", {"pseudo_confident_above": 0.9}),
     "ltuda-warmup": ("ltuda", "partial", {"warmup_epochs": 8, "pseudo_rampup_epochs": 0, "lr_schedule": "per-stage"}),
     "ltuda-warmup-one-schedule": ("ltuda", "partial", {"warmup_epochs": 8, "pseudo_rampup_epochs": 0,
                                                        "lr_schedule": "whole-run"}),

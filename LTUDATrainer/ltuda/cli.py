@@ -79,6 +79,9 @@ def _build_parser() -> argparse.ArgumentParser:
         ("--warmup-epochs", int, "stage 1 opens with this many of its epochs trained on the labels only (0: none)"),
         ("--pseudo-uncertain-below", float,
          "ignore unlabelled organs the teacher gives a probability in [this, 0.5) (0.5: the paper's hard rule)"),
+        ("--pseudo-confident-above", float,
+         "a teacher positive for an unlabelled organ needs this probability; from 0.5 up to it the pixel is ignored "
+         "(0.5: the paper's hard rule)"),
         ("--dice-weight", float,
          "weight of a partial soft-Dice term added to each pBCE term on ground truth, not on pseudo-labels "
          "(0: the paper's loss)"),
@@ -329,7 +332,8 @@ def _train_follower(args, manifest, out, group, silent) -> int:
 
 TRAIN_SETTINGS = (
     "epochs_stage1", "epochs_stage2", "iterations_per_epoch", "batch_size", "image_size", "lr", "momentum",
-    "ema_decay", "pseudo_rampup_epochs", "warmup_epochs", "pseudo_uncertain_below", "pseudo_gate", "pseudo_dice", "pbce_scaling",
+    "ema_decay", "pseudo_rampup_epochs", "warmup_epochs", "pseudo_uncertain_below", "pseudo_confident_above",
+    "pseudo_gate", "pseudo_dice", "pbce_scaling",
     "dice_weight", "optimizer", "prototypes", "prototype_momentum", "strong_views", "val_fraction", "seed", "network",
     "stage2_start", "teacher_prototypes", "lr_schedule")
 
@@ -351,6 +355,9 @@ def _check_config(config):
     if not 0.0 <= config.pseudo_uncertain_below <= 0.5:
         raise LtudaError(f"--pseudo-uncertain-below {config.pseudo_uncertain_below} is outside [0, 0.5]",
                          fix="Use 0.5 for the paper's rule, or e.g. 0.2 to ignore unsure teacher pixels.")
+    if not 0.5 <= config.pseudo_confident_above < 1.0:
+        raise LtudaError(f"--pseudo-confident-above {config.pseudo_confident_above} is outside [0.5, 1)",
+                         fix="Use 0.5 for the paper's rule, or e.g. 0.9 to train only on confident teacher positives.")
     if not 0.0 <= config.pseudo_gate < 1.0:
         raise LtudaError(f"--pseudo-gate {config.pseudo_gate} is outside [0, 1)",
                          fix="Use 0 to always use pseudo-labels, or a teacher Dice such as 0.5.")

@@ -43,6 +43,9 @@ class TrainConfig:
     # Unlabelled organs the teacher gives a probability in [this, 0.5) are ignored by the pseudo-label
     # term instead of taken as background (0.5 = the paper's hard rule).
     pseudo_uncertain_below: float = 0.5
+    # An unlabelled organ's pseudo-label is positive only where the teacher's probability reaches this;
+    # from 0.5 up to it the pixel is ignored (0.5 = the paper's hard rule; FixMatch's confidence threshold).
+    pseudo_confident_above: float = 0.5
     # Use an unlabelled organ's pseudo-labels only once the teacher's running Dice on the cases that
     # label it reaches this (0 = always, the paper).
     pseudo_gate: float = 0.0

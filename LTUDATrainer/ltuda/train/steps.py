@@ -58,7 +58,8 @@ def supervised_step(ctx: StepContext, student, batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def make_pseudo_labels(teacher, images, labels, labeled, autocast, uncertain_below: float = 0.5, gate=None):
+def make_pseudo_labels(teacher, images, labels, labeled, autocast, uncertain_below: float = 0.5, gate=None,
+                       confident_above: float = 0.5):
     """Teacher's hard labels on the weak view, with ground truth where the case has it.
 
     Teacher organ c is kept only where c is NOT labelled in that case; labelled organs come from the
@@ -66,7 +67,8 @@ def make_pseudo_labels(teacher, images, labels, labeled, autocast, uncertain_bel
     Returns (hard labels [B, H, W], per-organ targets [B, C, H, W]). In the targets, an unlabelled
     organ whose teacher probability lies in [uncertain_below, 0.5) is ignored (-1) rather than taken
     as background, except on the case's labelled organs; uncertain_below = 0.5 (the default) is the
-    paper's rule, nothing ignored; 0 keeps only the teacher's positives for unlabelled organs.
+    paper's rule, nothing ignored; 0 keeps only the teacher's positives for unlabelled organs. Likewise
+    a teacher positive below confident_above is ignored rather than trained as the organ.
     With an OrganGate, the teacher's prediction updates it, and an organ the gate keeps closed is
     ignored on every case that does not label it.
     """
@@ -78,11 +80,12 @@ def make_pseudo_labels(teacher, images, labels, labeled, autocast, uncertain_bel
     predicted_labeled = labeled.gather(1, (hard - 1).clamp(min=0).flatten(1)).view_as(hard) & (hard > 0)
     hard = torch.where(labels > 0, labels, torch.where(predicted_labeled, torch.zeros_like(hard), hard))
     target = onehot_target(hard, labeled.shape[1])
-    if uncertain_below < 0.5:
+    if uncertain_below < 0.5 or confident_above > 0.5:
         probs = torch.sigmoid(logits.float())
         # a labelled organ's pixels are known not to be any other organ: never unsure there
-        uncertain = (probs >= uncertain_below) & (target == 0) & ~labeled[:, :, None, None] & (labels == 0)[:, None]
-        target = torch.where(uncertain, torch.full_like(target, IGNORE), target)
+        from_teacher = ~labeled[:, :, None, None] & (labels == 0)[:, None]
+        unsure = torch.where(target == 0, probs >= uncertain_below, probs < confident_above)
+        target = torch.where(unsure & from_teacher, torch.full_like(target, IGNORE), target)
     if gate is not None and gate.enabled:
         closed = ~gate.open().to(labeled.device)[None, :] & ~labeled
         target = torch.where(closed[:, :, None, None], torch.full_like(target, IGNORE), target)
@@ -110,7 +113,8 @@ def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.T
     else:
         images, labels = ctx.weak(images, labels, ctx.generator)
         pseudo, pseudo_target = make_pseudo_labels(teacher, images, labels, labeled, ctx.autocast,
-                                                   ctx.config.pseudo_uncertain_below, ctx.gate)
+                                                   ctx.config.pseudo_uncertain_below, ctx.gate,
+                                                   ctx.config.pseudo_confident_above)
     partial = partial_target(labels, labeled, c)
     views = _strong_views(ctx, images, partial, pseudo, pseudo_target, labels)
     b, k = images.shape[0], len(views)
