@@ -193,3 +193,37 @@ def test_a_run_stopped_part_way_resumes_and_ends_as_if_never_stopped(tiny_datase
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert resumed["mean_dice"] == whole["mean_dice"]
+
+
+def test_organ_errors_pools_voxel_precision_and_recall_over_cases_and_seeds(tmp_path):
+    """Two seeds' segmentations of one case against its truth: 3 of 4 liver voxels found plus 1 false one,
+    and 2 of 2 kidney voxels plus 2 false ones, pooled over both seeds."""
+    import types
+
+    import numpy as np
+    import SimpleITK as sitk
+    from ltuda.io.segnrrd import write_seg_nrrd
+    from ltuda.terminology import organ_class
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from organ_errors import pooled_errors
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    classes = [organ_class("liver", 1), organ_class("kidney", 3)]
+    truth = np.zeros((1, 4, 4), np.uint8)
+    truth[0, 0, :] = 1
+    truth[0, 3, :2] = 3
+    image = sitk.GetImageFromArray(truth.astype(np.int16))
+    sitk.WriteImage(sitk.GetImageFromArray(truth), str(tmp_path / "case_labels.nii.gz"))
+    pred = np.zeros_like(truth)
+    pred[0, 0, :3] = 1
+    pred[0, 1, 0] = 1
+    pred[0, 3, :] = 3
+    for seed in ("seed43", "seed44"):
+        (tmp_path / seed).mkdir()
+        write_seg_nrrd(tmp_path / seed / "case.seg.nrrd", pred, image, classes)
+    case = types.SimpleNamespace(id="case", label=tmp_path / "case_labels.nii.gz", value_map=None)
+    errors = pooled_errors([tmp_path / "seed43", tmp_path / "seed44"], [case], classes)
+    assert errors["liver"] == {"precision": 0.75, "recall": 0.75, "cases": 2}
+    assert errors["kidney"] == {"precision": 0.5, "recall": 1.0, "cases": 2}

@@ -1,0 +1,80 @@
+"""Where a method's Dice goes: voxel precision and recall per organ of the accuracy benchmark's finished runs.
+
+Dice alone cannot tell a model that paints an organ where it is not (precision) from one that misses it
+(recall); pseudo-labels can cause either. This reads the test-case segmentations the accuracy benchmark
+left in its work folder, pools the voxels over test cases and seeds, and prints one table per schedule
+point:
+
+    python benchmarks/organ_errors.py --points main,x2 --methods labeled-only,ltuda,ltuda-rampup
+
+It trains nothing; the figures go to benchmarks/results/organ_errors.{json,md}.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def pooled_errors(run_folders, cases, classes) -> dict:
+    """{organ: {"precision", "recall", "cases"}} over every test case of every run folder that has it."""
+    from ltuda.evaluate import load_class_labels
+
+    counts = {c["name"]: np.zeros(3, dtype=np.int64) for c in classes}  # true positives, predicted, true
+    seen = 0
+    for folder in run_folders:
+        for case in cases:
+            pred_path = folder / f"{case.id}.seg.nrrd"
+            if not pred_path.is_file():
+                continue
+            _, pred = load_class_labels(pred_path, classes)
+            _, truth = load_class_labels(case.label, classes, case.value_map)
+            seen += 1
+            for c in classes:
+                p, t = pred == c["value"], truth == c["value"]
+                counts[c["name"]] += [np.count_nonzero(p & t), np.count_nonzero(p), np.count_nonzero(t)]
+    return {name: {"precision": tp / max(predicted, 1), "recall": tp / max(true, 1), "cases": seen}
+            for name, (tp, predicted, true) in counts.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--protocol", default="toy")
+    parser.add_argument("--points", default="main,x2", help="schedule points: main (1x), x2, x4, ...")
+    parser.add_argument("--methods", default="labeled-only,ltuda")
+    parser.add_argument("--work", default=str(HERE / "work" / "accuracy"))
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args(argv)
+    from ltuda.manifest import load_manifest
+
+    work = Path(args.work)
+    manifest = load_manifest(work / f"phantoms-{args.protocol}" / "dataset.json")
+    cases = manifest.split("test")
+    results = {}
+    for point in args.points.split(","):
+        for key in args.methods.split(","):
+            folders = sorted((work / args.protocol / point / key).glob("seed*"))
+            errors = pooled_errors(folders, cases, manifest.classes)
+            if errors[manifest.classes[0]["name"]]["cases"]:  # runs still training have no segmentations yet
+                results.setdefault(point, {})[key] = errors
+    organs = [c["name"] for c in manifest.classes]
+    lines = ["# Voxel precision / recall per organ (test cases, pooled over cases and seeds)", "",
+             f"Command: `python benchmarks/organ_errors.py --protocol {args.protocol} --points {args.points} "
+             f"--methods {args.methods}`", "", "| point | method | cases | " + " | ".join(organs) + " |",
+             "|---|---|---|" + "---|" * len(organs)]
+    for point, methods in results.items():
+        for key, errors in methods.items():
+            lines.append(f"| {point} | {key} | {errors[organs[0]]['cases']} | "
+                         + " | ".join(f"{errors[o]['precision']:.3f} / {errors[o]['recall']:.3f}" for o in organs) + " |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "organ_errors.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "organ_errors.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
