@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -40,7 +42,8 @@ def test_accuracy_benchmark_learning_curve_and_settings(tmp_path):
     result = _run(tmp_path, "--seeds", "1", "--learning-curve", "1,2", "--set", "epochs_stage2=2")
     assert result.returncode == 0, result.stderr[-3000:]
     curve = json.loads((tmp_path / "results" / "accuracy.json").read_text())["learning_curve"]["toy"]
-    assert set(curve) == {"1", "2", "commands"} and curve["2"]["commands"]["ltuda"] == curve["commands"][0]
+    assert set(curve) == {"1", "2", "commands", "preset", "settings"} and curve["settings"]["epochs_stage2"] == 2
+    assert curve["2"]["commands"]["ltuda"] == curve["commands"][0]
     assert set(curve["2"]) >= {"ltuda", "labeled-only", "ltuda_vs_labeled-only"}
     assert curve["2"]["per_seed"]["ltuda"]["43"] == curve["2"]["ltuda"]  # one seed: its mean is that seed's
 
@@ -143,6 +146,26 @@ def test_rows_keep_their_recipe_and_a_learning_curve_scales_all_of_its_schedule(
     assert accuracy.method_settings("labeled-only", "fast", {})[2] == {**accuracy.RAMPUP_RECIPE, "epochs_stage1": 22}
     # ... unless the benchmark is told otherwise
     assert settings("labeled-only", overrides={"warmup_epochs": 4})["warmup_epochs"] == 4
+
+
+def test_a_learning_curve_point_gathers_seeds_and_recipes_over_invocations():
+    accuracy = _accuracy_module()
+
+    def runs(**dice):
+        return {int(seed[1:]): {"mean_dice": d, "iterations": 3520} for seed, d in dice.items()}
+    point = accuracy.add_to_curve({}, {"labeled-only": runs(s43=0.70, s44=0.72, s45=0.74),
+                                       "ltuda-rampup": runs(s43=0.71, s44=0.74, s45=0.75)}, "first")
+    # a later, partial invocation with another recipe: labelled-only keeps its three seeds
+    accuracy.add_to_curve(point, {"labeled-only": runs(s43=0.70), "ltuda": runs(s43=0.69)}, "second")
+    assert point["seeds"] == {"labeled-only": 3, "ltuda-rampup": 3, "ltuda": 1}
+    assert point["labeled-only"] == pytest.approx(0.72) and point["ltuda-rampup"] == pytest.approx(2.2 / 3)
+    old = point["ltuda-rampup_vs_labeled-only"]
+    assert (old["seeds"], old["mean_gain"], old["labeled_only"]) == (3, pytest.approx(0.04 / 3), pytest.approx(0.72))
+    new = point["ltuda_vs_labeled-only"]  # over the one seed both have
+    assert (new["seeds"], new["mean_gain"], new["labeled_only"]) == (1, pytest.approx(-0.01), pytest.approx(0.70))
+    assert point["commands"] == {"labeled-only": "second", "ltuda-rampup": "first", "ltuda": "second"}
+    markdown = accuracy.render_markdown({"learning_curve": {"toy": {"commands": ["first", "second"], "4": point}}})
+    assert "| x4 | ltuda | 0.700 | 0.690 | -0.010 |" in markdown and "| x4 | ltuda-rampup | 0.720 | 0.733 |" in markdown
 
 
 def test_a_setting_added_later_at_its_default_keeps_finished_runs(tmp_path):

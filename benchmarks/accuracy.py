@@ -292,6 +292,29 @@ def summarise_seeds(runs: list) -> dict:
     }
 
 
+def add_to_curve(point: dict, finished: dict, command: str) -> dict:
+    """Merge one invocation's finished runs ({method: {seed: result}}) into a learning-curve point.
+
+    Runs are deterministic, so a seed's figure from an earlier invocation stands beside this one's: a partial
+    invocation adds seeds and never shrinks a method's record, and a point holds every recipe measured at
+    it. Each recipe is compared with labelled-only over the seeds both have."""
+    per_seed = point.setdefault("per_seed", {})
+    for key, results in finished.items():
+        per_seed[key] = {**per_seed.get(key, {}), **{str(s): r["mean_dice"] for s, r in results.items()}}
+        point.setdefault("iterations", {})[key] = next(iter(results.values()))["iterations"]
+        point.setdefault("commands", {})[key] = command
+    baseline = per_seed.get("labeled-only", {})
+    for key, dice in per_seed.items():
+        point[key] = float(np.mean(list(dice.values())))
+        point.setdefault("seeds", {})[key] = len(dice)
+        paired = [s for s in dice if s in baseline]
+        if key != "labeled-only" and paired:
+            point[f"{key}_vs_labeled-only"] = {
+                **paired_test([dice[s] for s in paired], [baseline[s] for s in paired]),
+                "labeled_only": float(np.mean([baseline[s] for s in paired]))}
+    return point
+
+
 def paired_test(a: list, b: list) -> dict:
     """One-sided paired t-test that a > b over the seeds both have."""
     from scipy import stats
@@ -447,24 +470,15 @@ def main(argv=None):
         results.setdefault("learning_curve", {})
         done = lambda factor, key: [runs[(factor, key)][s] for s in seeds if s in runs[(factor, key)]]  # noqa: E731
         if factors:
-            curve = results["learning_curve"].setdefault(args.protocol, {})
+            curve = results["learning_curve"].get(args.protocol, {})
+            if (curve.get("preset", "fast"), curve.get("settings", {})) != (args.preset, overrides):
+                curve = {}  # a curve under other settings: its seeds must not mix with these
+            results["learning_curve"][args.protocol] = curve
+            curve.update(preset=args.preset, settings=overrides)
             for factor in factors:
-                # the seeds every method finished at this point: a partial point still compares pairs
-                paired = [s for s in seeds if all(s in runs[(factor, key)] for key in requested)]
-                if not paired:
-                    continue
-                # a point holds every recipe measured at it: this run replaces only its own methods' entries
-                point = curve.setdefault(f"{factor:g}", {})
-                for key in requested:
-                    dice = [runs[(factor, key)][s]["mean_dice"] for s in paired]
-                    point[key] = summarise_seeds([runs[(factor, key)][s] for s in paired])["mean_dice"]
-                    point.setdefault("per_seed", {})[key] = dict(zip(map(str, paired), dice))
-                    point.setdefault("seeds", {})[key] = len(paired)
-                    point.setdefault("iterations", {})[key] = runs[(factor, key)][paired[0]]["iterations"]
-                    point.setdefault("commands", {})[key] = command.strip()
-                    if key != "labeled-only":
-                        point[f"{key}_vs_labeled-only"] = paired_test(
-                            dice, [runs[(factor, "labeled-only")][s]["mean_dice"] for s in paired])
+                finished = {key: runs[(factor, key)] for key in requested if runs[(factor, key)]}
+                if finished:
+                    add_to_curve(curve.setdefault(f"{factor:g}", {}), finished, command.strip())
             # each point keeps the command that gave it: a later --learning-curve 8 adds to 1,2,4
             curve["commands"] = sorted(set(curve.get("commands", [])) | {command.strip()})
         else:
@@ -592,9 +606,10 @@ def render_markdown(results) -> str:
                   "| seeds | iterations |", "|---|---|---|---|---|---|---|---|"]
         for factor, point in _curve_points(curve):
             for key in _curve_recipes(point):
-                test = point[f"{key}_vs_labeled-only"]
-                lines.append(f"| x{factor} | {key} | {_fmt(point.get('labeled-only'))} | {_fmt(point[key])} | "
-                             f"{_fmt(test['mean_gain'])} | {_fmt(test['p_one_sided'], 3)} | {point['seeds'][key]} | "
+                test = point[f"{key}_vs_labeled-only"]  # both means over the seeds both have
+                baseline = test.get("labeled_only", point.get("labeled-only"))
+                lines.append(f"| x{factor} | {key} | {_fmt(baseline)} | {_fmt(baseline + test['mean_gain'])} | "
+                             f"{_fmt(test['mean_gain'])} | {_fmt(test['p_one_sided'], 3)} | {test['seeds']} | "
                              f"{point['iterations'][key]} |")
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -602,7 +617,8 @@ def render_markdown(results) -> str:
 
 def _curve_points(curve: dict) -> list:
     """(factor, point) of a learning curve, by factor (the other keys record commands)."""
-    return sorted(((k, v) for k, v in curve.items() if isinstance(v, dict)), key=lambda item: float(item[0]))
+    return sorted(((k, v) for k, v in curve.items() if isinstance(v, dict) and k != "settings"),
+                  key=lambda item: float(item[0]))
 
 
 def _curve_recipes(point: dict) -> list:
