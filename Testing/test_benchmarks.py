@@ -157,7 +157,7 @@ def test_a_learning_curve_point_gathers_seeds_and_recipes_over_invocations():
                                        "ltuda-rampup": runs(s43=0.71, s44=0.74, s45=0.75)}, "first")
     # a later, partial invocation with another recipe: labelled-only keeps its three seeds
     accuracy.add_to_curve(point, {"labeled-only": runs(s43=0.70), "ltuda": runs(s43=0.69)}, "second")
-    assert point["seeds"] == {"labeled-only": 3, "ltuda-rampup": 3, "ltuda": 1}
+    assert {key: len(dice) for key, dice in point["per_seed"].items()} == {"labeled-only": 3, "ltuda-rampup": 3, "ltuda": 1}
     assert point["labeled-only"] == pytest.approx(0.72) and point["ltuda-rampup"] == pytest.approx(2.2 / 3)
     old = point["ltuda-rampup_vs_labeled-only"]
     assert (old["seeds"], old["mean_gain"], old["labeled_only"]) == (3, pytest.approx(0.04 / 3), pytest.approx(0.72))
@@ -247,6 +247,6 @@ def test_organ_errors_pools_voxel_precision_and_recall_over_cases_and_seeds(tmp_
         (tmp_path / seed).mkdir()
         write_seg_nrrd(tmp_path / seed / "case.seg.nrrd", pred, image, classes)
     case = types.SimpleNamespace(id="case", label=tmp_path / "case_labels.nii.gz", value_map=None)
-    errors = pooled_errors([tmp_path / "seed43", tmp_path / "seed44"], [case], classes)
-    assert errors["liver"] == {"precision": 0.75, "recall": 0.75, "cases": 2}
-    assert errors["kidney"] == {"precision": 0.5, "recall": 1.0, "cases": 2}
+    seen, errors = pooled_errors([tmp_path / "seed43", tmp_path / "seed44", tmp_path / "still-training"], [case],
+                                 classes)
+    assert seen == 2 and errors == {"liver": {"precision": 0.75, "recall": 0.75}, "kidney": {"precision": 0.5, "recall": 1.0}}

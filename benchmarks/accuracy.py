@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-# The fast preset's recipe until stop 21: no warm-up, a 12-epoch ramp-up of the pseudo-label term and the
+# The fast preset's recipe until 2026-12-03: no warm-up, a 12-epoch ramp-up of the pseudo-label term and the
 # learning rate restarted per stage. The rows measured with it keep it by name, so their finished runs
 # stay theirs after the preset moved to the warm-up recipe.
 RAMPUP_RECIPE = {"warmup_epochs": 0, "pseudo_rampup_epochs": 12, "lr_schedule": "per-stage"}
@@ -65,12 +65,12 @@ METHODS = {
     "ltuda-reference-pbce": ("ltuda", "partial", {**RAMPUP_RECIPE, "pbce_scaling": "reference"}),
     "ltuda-best-start": ("ltuda", "partial", {**RAMPUP_RECIPE, "stage2_start": "best"}),
     "ltuda-one-schedule": ("ltuda", "partial", {**RAMPUP_RECIPE, "lr_schedule": "whole-run"}),
-    # half of stage 1 on the labels only, then pseudo-labels at full weight (the warm start of
-    # findings-small-compute.md, inside one run), alone and with one learning-rate decay: the second
-    # became the fast preset's recipe
     # the shipped recipe with positive pseudo-labels only where the teacher is sure (p >= 0.9, FixMatch's rule;
     # the rest of [0.5, 0.9) ignored): the teacher's pancreas pseudo-labels are 30-38% precise
     "ltuda-confident": ("ltuda", "partial", {"pseudo_confident_above": 0.9}),
+    # half of stage 1 on the labels only, then pseudo-labels at full weight (the warm start of
+    # findings-small-compute.md, inside one run), alone and with one learning-rate decay: the second
+    # became the fast preset's recipe
     "ltuda-warmup": ("ltuda", "partial", {"warmup_epochs": 8, "pseudo_rampup_epochs": 0, "lr_schedule": "per-stage"}),
     "ltuda-warmup-one-schedule": ("ltuda", "partial", {"warmup_epochs": 8, "pseudo_rampup_epochs": 0,
                                                        "lr_schedule": "whole-run"}),
@@ -95,13 +95,13 @@ def method_settings(key: str, preset: str, overrides: dict, factor: float = 1) -
     # stage 1 trains the same under any of them, so they stay at the values its finished runs recorded.
     inert = RAMPUP_RECIPE if 1 not in METHOD_STAGES[method] else {}
     settings = {**inert, **overrides, **extra}
+    config = make_config(preset, **settings)
+    schedule = {name: round(getattr(config, name) * factor)
+                for name in ("epochs_stage1", "epochs_stage2", "warmup_epochs", "pseudo_rampup_epochs")}
     if factor != 1:
-        config = make_config(preset, **settings)
-        settings.update({name: round(getattr(config, name) * factor) for name in
-                         ("epochs_stage1", "epochs_stage2", "warmup_epochs", "pseudo_rampup_epochs")})
+        settings.update(schedule)
     if len(METHOD_STAGES[method]) < len(METHOD_STAGES["ltuda"]):
-        config = make_config(preset, **settings)
-        settings["epochs_stage1"] = config.epochs_stage1 + config.epochs_stage2
+        settings["epochs_stage1"] = schedule["epochs_stage1"] + schedule["epochs_stage2"]
     return method, variant, settings
 
 
@@ -306,7 +306,6 @@ def add_to_curve(point: dict, finished: dict, command: str) -> dict:
     baseline = per_seed.get("labeled-only", {})
     for key, dice in per_seed.items():
         point[key] = float(np.mean(list(dice.values())))
-        point.setdefault("seeds", {})[key] = len(dice)
         paired = [s for s in dice if s in baseline]
         if key != "labeled-only" and paired:
             point[f"{key}_vs_labeled-only"] = {
@@ -616,15 +615,18 @@ def render_markdown(results) -> str:
 
 
 def _curve_points(curve: dict) -> list:
-    """(factor, point) of a learning curve, by factor (the other keys record commands)."""
+    """(factor, point) of a learning curve, by factor (the other keys record its commands and settings)."""
     return sorted(((k, v) for k, v in curve.items() if isinstance(v, dict) and k != "settings"),
                   key=lambda item: float(item[0]))
 
 
 def _curve_recipes(point: dict) -> list:
     """The methods a learning-curve point compares with labelled-only, the shipped recipe (ltuda) first."""
-    keys = [k[:-len("_vs_labeled-only")] for k in point if k.endswith("_vs_labeled-only")]
-    return sorted(keys, key=lambda k: (k != "ltuda", k))
+    return _ltuda_first(k[:-len("_vs_labeled-only")] for k in point if k.endswith("_vs_labeled-only"))
+
+
+def _ltuda_first(keys) -> list:
+    return sorted(set(keys), key=lambda k: (k != "ltuda", k))
 
 
 def plot(results: dict, path: Path):
@@ -655,7 +657,7 @@ def plot(results: dict, path: Path):
         plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
     for ax, (protocol, curve) in zip(axes[0][len(protocols):], curves):
         factors = [factor for factor, _ in _curve_points(curve)]
-        recipes = sorted({k for f in factors for k in _curve_recipes(curve[f])}, key=lambda k: (k != "ltuda", k))
+        recipes = _ltuda_first(k for f in factors for k in _curve_recipes(curve[f]))
         for key, colour in zip(["labeled-only"] + recipes, ["#888888", "#d35f3c", "#3c7dd3", "#5fa35f", "#a35fa3"]):
             xs = [float(f) for f in factors if key in curve[f]]
             ax.plot(xs, [curve[f][key] for f in factors if key in curve[f]], "o-", color=colour, label=key)

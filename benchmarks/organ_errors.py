@@ -19,25 +19,27 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def pooled_errors(run_folders, cases, classes) -> dict:
-    """{organ: {"precision", "recall", "cases"}} over every test case of every run folder that has it."""
+def pooled_errors(run_folders, cases, classes) -> tuple:
+    """(segmentations read, {organ: {"precision", "recall"}}) over every test case of every run folder that
+    has it."""
     from ltuda.evaluate import load_class_labels
 
     counts = {c["name"]: np.zeros(3, dtype=np.int64) for c in classes}  # true positives, predicted, true
     seen = 0
-    for folder in run_folders:
-        for case in cases:
-            pred_path = folder / f"{case.id}.seg.nrrd"
-            if not pred_path.is_file():
-                continue
+    for case in cases:
+        predictions = [folder / f"{case.id}.seg.nrrd" for folder in run_folders]
+        predictions = [path for path in predictions if path.is_file()]
+        if not predictions:
+            continue
+        _, truth = load_class_labels(case.label, classes, case.value_map)  # once per case, for every seed
+        for pred_path in predictions:
             _, pred = load_class_labels(pred_path, classes)
-            _, truth = load_class_labels(case.label, classes, case.value_map)
             seen += 1
             for c in classes:
                 p, t = pred == c["value"], truth == c["value"]
                 counts[c["name"]] += [np.count_nonzero(p & t), np.count_nonzero(p), np.count_nonzero(t)]
-    return {name: {"precision": tp / max(predicted, 1), "recall": tp / max(true, 1), "cases": seen}
-            for name, (tp, predicted, true) in counts.items()}
+    return seen, {name: {"precision": tp / max(predicted, 1), "recall": tp / max(true, 1)}
+                  for name, (tp, predicted, true) in counts.items()}
 
 
 def main(argv=None):
@@ -57,17 +59,18 @@ def main(argv=None):
     for point in args.points.split(","):
         for key in args.methods.split(","):
             folders = sorted((work / args.protocol / point / key).glob("seed*"))
-            errors = pooled_errors(folders, cases, manifest.classes)
-            if errors[manifest.classes[0]["name"]]["cases"]:  # runs still training have no segmentations yet
-                results.setdefault(point, {})[key] = errors
+            seen, errors = pooled_errors(folders, cases, manifest.classes)
+            if seen:  # runs still training have no segmentations yet
+                results.setdefault(point, {})[key] = {"cases": seen, "organs": errors}
     organs = [c["name"] for c in manifest.classes]
     lines = ["# Voxel precision / recall per organ (test cases, pooled over cases and seeds)", "",
              f"Command: `python benchmarks/organ_errors.py --protocol {args.protocol} --points {args.points} "
              f"--methods {args.methods}`", "", "| point | method | cases | " + " | ".join(organs) + " |",
              "|---|---|---|" + "---|" * len(organs)]
     for point, methods in results.items():
-        for key, errors in methods.items():
-            lines.append(f"| {point} | {key} | {errors[organs[0]]['cases']} | "
+        for key, pooled in methods.items():
+            errors = pooled["organs"]
+            lines.append(f"| {point} | {key} | {pooled['cases']} | "
                          + " | ".join(f"{errors[o]['precision']:.3f} / {errors[o]['recall']:.3f}" for o in organs) + " |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
