@@ -304,8 +304,30 @@ def test_deterministic_for_a_seed(tmp_path):
         assert not np.array_equal(first[case_id][0], other[case_id][0]), case_id
 
 
-@pytest.mark.parametrize("kwargs", [dict(cases_per_site=0), dict(test_cases=-1), dict(shape=(8, 8))])
+@pytest.mark.parametrize("kwargs", [dict(cases_per_site=0), dict(test_cases=-1), dict(shape=(8, 8)),
+                                    dict(unlabelled_cases=-1)])
 def test_bad_arguments_are_refused(tmp_path, kwargs):
     with pytest.raises(LtudaError):
         generate_phantoms(tmp_path, **kwargs)
     assert not (tmp_path / "dataset.json").exists()
+
+
+def test_unlabelled_cases_come_from_the_test_scanner_and_label_nothing(tmp_path):
+    path = generate_phantoms(tmp_path, cases_per_site=1, test_cases=1, shape=(32, 32), unlabelled_cases=2)
+    manifest = load_manifest(path)  # valid: a case may label nothing
+    local = [c for c in manifest.cases if c.extra["site"] == "local"]
+    assert [c.id for c in local] == ["local_000", "local_001"]
+    assert all(c.split == "train" and c.labeled == [] and c.label is None for c in local)
+    assert [c.extra["phase"] for c in local] == ["contrast", "native"]  # the test site's scanner: by turns
+    assert not any((tmp_path / "labels").glob("local_*"))
+    full = {c.id: c for c in load_manifest(path.with_name("dataset_full.json")).cases}
+    for case in local:  # the truth is kept for the diagnostics and the fully supervised bound
+        assert case.label_full == full[case.id].label and len(full[case.id].labeled) == 4
+        assert set(np.unique(read(case.label_full)[1])) == {0, 1, 2, 3, 4}
+        image = read(case.image)[0]
+        assert image.GetSpacing()[2] == pytest.approx(TEST_SITE.thickness)
+    # appended after the other cases, so those are the files they were without unlabelled cases
+    before = arrays(generate_phantoms(tmp_path / "none", cases_per_site=1, test_cases=1, shape=(32, 32)))
+    after = {c.id: (read(c.image)[1], read(c.label)[1]) for c in manifest.cases if c.label is not None}
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[i][0], after[i][0]) and np.array_equal(before[i][1], after[i][1]) for i in before)

@@ -169,6 +169,8 @@ def _build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--seed", type=int, default=0)
     phantoms.add_argument("--layout", choices=("multi-site", "toy"), default="multi-site",
                           help="multi-site: a scanner per site; toy: the paper's toy set, one acquisition for all cases")
+    phantoms.add_argument("--unlabelled-cases", type=int, default=0,
+                          help="training cases that label no organ, from the test site's scanner (a hospital's own scans)")
 
     demo = sub.add_parser("demo", help="phantoms -> train LTUDA and the labelled-only baseline -> predict -> Dice")
     demo.add_argument("--out", default="ltuda-demo")
@@ -428,7 +430,7 @@ def cmd_phantoms(args, report) -> int:
     from .data.phantoms import generate_phantoms
     path = generate_phantoms(args.out, cases_per_site=args.cases_per_site, test_cases=args.test_cases,
                              shape=(args.size, args.size), seed=args.seed, report=report,
-                             layout=args.layout)
+                             layout=args.layout, unlabelled_cases=args.unlabelled_cases)
     print(path)
     return 0
 

@@ -141,10 +141,14 @@ SITES = (
          kernel=0.6),
 )
 TEST_SITE = Site("test", "all", "alternating", 4.0, 400.0, 11.0, 10.0, -150.0, FULL_VALUES, FULL_VALUE_MAP)
+# The user's own hospital: scans from the test site's scanner and population that nobody has labelled (what a
+# clinician adds in Slicer beside the public data sets). Only methods with pseudo-labels learn from them.
+LOCAL_SITE = replace(TEST_SITE, name="local", organ="none", label_values={}, value_map={})
 LAYOUTS = ("multi-site", "toy")
 # Bump a layout's version whenever its files change: benchmarks keep each version's phantoms in their own folder,
 # so a model trained on older phantoms is never scored as if trained on these. 2: the sites as real data sets.
-LAYOUT_VERSIONS = {"multi-site": 2, "toy": 1}
+# 3: the same files plus unlabelled scans of the local site (generate_phantoms(unlabelled_cases=...)).
+LAYOUT_VERSIONS = {"multi-site": 3, "toy": 1}
 
 
 def sites_for(layout: str):
@@ -843,7 +847,9 @@ def case_phase(site: Site, index: int) -> str:
     return site.phase
 
 
-def _check_arguments(cases_per_site, test_cases, shape):
+def _check_arguments(cases_per_site, test_cases, shape, unlabelled_cases=0):
+    if int(unlabelled_cases) < 0 or int(unlabelled_cases) > 1000:
+        raise LtudaError(f"unlabelled_cases must be 0 to 1000 (got {unlabelled_cases})")
     if int(cases_per_site) < 1:
         raise LtudaError(f"cases_per_site must be at least 1 (got {cases_per_site})",
                          fix="Each site must label its organ in at least one case.")
@@ -859,7 +865,8 @@ def _check_arguments(cases_per_site, test_cases, shape):
 
 
 def generate_phantoms(out_dir, cases_per_site: int = 4, test_cases: int = 4, shape=(96, 96), seed: int = 0,
-                      full_labels: bool = True, report=None, layout: str = "multi-site", holdout_per_site: int = 0) -> Path:
+                      full_labels: bool = True, report=None, layout: str = "multi-site", holdout_per_site: int = 0,
+                      unlabelled_cases: int = 0) -> Path:
     """Write the synthetic partially labelled data set; returns `out_dir/dataset.json`.
 
     Layout: images/<id>.nii.gz (int16 HU), labels/<id>.nii.gz (uint8, the site's own label values, as
@@ -870,8 +877,11 @@ def generate_phantoms(out_dir, cases_per_site: int = 4, test_cases: int = 4, sha
     `layout`: "multi-site" (a scanner per site) or "toy" (one acquisition for all; see sites_for).
     `holdout_per_site`: more cases of each training site, fully labelled, listed in dataset_holdout.json
     (never in dataset.json): what a method scores on its own sites' and other sites' images.
+    `unlabelled_cases`: training cases of the local site (LOCAL_SITE: the test site's scanner and patients)
+    that label no organ, as a hospital's own scans; their full labels are only in labels_full (diagnostics)
+    and in dataset_full.json.
     """
-    _check_arguments(cases_per_site, test_cases, shape)
+    _check_arguments(cases_per_site, test_cases, shape, unlabelled_cases)
     sites, test_site = sites_for(layout)
     out = Path(out_dir)
     classes = default_classes()
@@ -881,6 +891,7 @@ def generate_phantoms(out_dir, cases_per_site: int = 4, test_cases: int = 4, sha
     plan += [(len(sites), test_site, i) for i in range(int(test_cases))]
     plan += [(k, site, i) for k, site in enumerate(sites)
              for i in range(int(cases_per_site), int(cases_per_site) + int(holdout_per_site))]
+    plan += [(len(sites) + 1, LOCAL_SITE, i) for i in range(int(unlabelled_cases))]  # appended: the rest stays
     partial, full, holdout = [], [], []
     for site_index, site, i in plan:
         case_id = f"{site.name}_{i:03d}"
@@ -891,10 +902,17 @@ def generate_phantoms(out_dir, cases_per_site: int = 4, test_cases: int = 4, sha
         extra = {"site": site.name, "phase": phase}
         if report is not None:
             report.log(f"phantom {case_id}: {phase}, {case.image.shape[0]} slices of {case.geometry.spacing[2]:g} mm")
-        if i >= int(cases_per_site) and site is not test_site:  # a held-out case: full labels only
+        if i >= int(cases_per_site) and site not in (test_site, LOCAL_SITE):  # a held-out case: full labels only
             full_path = out / "labels_full" / f"{case_id}.nii.gz"
             write_volume(label_array(case.parts, FULL_VALUES), case.geometry, full_path)
             holdout.append(Case(case_id, image_path, full_path, list(names), dict(FULL_VALUE_MAP), "test", extra))
+            continue
+        if site is LOCAL_SITE:  # no label file: the case labels nothing
+            full_path = out / "labels_full" / f"{case_id}.nii.gz" if full_labels else None
+            partial.append(Case(case_id, image_path, None, [], {}, "train", extra, label_full=full_path))
+            if full_labels:
+                write_volume(label_array(case.parts, FULL_VALUES), case.geometry, full_path)
+                full.append(Case(case_id, image_path, full_path, list(names), dict(FULL_VALUE_MAP), "train", extra))
             continue
         label_path = out / "labels" / f"{case_id}.nii.gz"
         write_volume(label_array(case.parts, site.label_values), case.geometry, label_path)
