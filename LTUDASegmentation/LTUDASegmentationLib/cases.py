@@ -232,7 +232,8 @@ def summarize(statuses, organs):
                 f"Case '{status.case.name}': segment(s) {', '.join(repr(s) for s in status.unmatched)} match no organ; "
                 "rename them to an organ name, set their terminology, add the organ, or remove them.")
         if status.case.isScene and status.case.segmentationNode is not None and not status.labelled:
-            warnings.append(f"Case '{status.case.name}' labels no organ yet.")
+            warnings.append(f"Case '{status.case.name}' labels no organ yet: LTUDA learns from it as an unlabelled "
+                            "scan (labelled-only leaves it out).")
     for name, count in counts.items():
         if count == 0 and statuses:
             errors.append(f"No case labels '{name}': label it in at least one case ('Add missing labels') "

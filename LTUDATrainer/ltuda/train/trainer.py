@@ -54,7 +54,8 @@ def device_name(device: torch.device) -> str:
 def split_validation(manifest: Manifest, fraction: float, seed: int):
     """(train cases, val cases): the manifest's "val" cases, else a share of each labelling group.
 
-    Cases are grouped by which organs they label, so every organ keeps cases on both sides.
+    Cases are grouped by which organs they label, so every organ keeps cases on both sides. Cases that
+    label nothing are never held out: there is nothing to score on them.
     """
     train = manifest.split("train")
     given = manifest.split("val")
@@ -63,7 +64,8 @@ def split_validation(manifest: Manifest, fraction: float, seed: int):
     rng = np.random.default_rng(seed)
     groups = {}
     for case in train:
-        groups.setdefault(tuple(case.labeled), []).append(case)
+        if case.labeled:
+            groups.setdefault(tuple(case.labeled), []).append(case)
     keep, val = [], []
     for cases in groups.values():
         order = rng.permutation(len(cases))
@@ -71,7 +73,7 @@ def split_validation(manifest: Manifest, fraction: float, seed: int):
         n_val = min(max(n_val, 1 if len(cases) >= 3 else 0), len(cases) - 1)
         val += [cases[i] for i in order[:n_val]]
         keep += [cases[i] for i in order[n_val:]]
-    return keep, val
+    return keep + [c for c in train if not c.labeled], val
 
 
 def pseudo_rampup(epoch: float, rampup_epochs: int) -> float:
@@ -116,6 +118,14 @@ class Trainer:
 
     def _load_data(self):
         train, val = split_validation(self.manifest, self.config.val_fraction, self.config.seed)
+        unlabelled = [c for c in train if not c.labeled]
+        if unlabelled and self.config.stages == (0,):
+            # a supervised-only method has nothing to learn from them: they would only take batch places
+            train = [c for c in train if c.labeled]
+            self.report.log(f"{len(unlabelled)} case(s) label no organ; {self.config.method} learns from labels "
+                            "only, so they are not used (ltuda and cda learn from them through pseudo-labels)")
+        elif unlabelled:
+            self.report.log(f"{len(unlabelled)} case(s) label no organ: they are learnt from through pseudo-labels")
         self.report.log(f"preprocessing {len(train) + len(val)} case(s) (cached in {self.cache.root})")
         problems, prepared, full = [], {}, {}
         with_full = all(c.label_full is not None for c in train)
@@ -194,7 +204,8 @@ class Trainer:
                 "method": cfg.method, "preset": cfg.preset, "stages": list(cfg.stages),
                 "epochs": {str(s): cfg.epochs(s) for s in cfg.stages}, "iterations_per_epoch": cfg.iterations_per_epoch,
                 "seconds": round(self.elapsed(), 1), "device": device_name(self.device), "dataset": str(self.manifest.path),
-                "cases": {"train": len(self.train_cases), "val": len(self.val_cases)}, "seed": cfg.seed,
+                "cases": {"train": len(self.train_cases), "val": len(self.val_cases),
+                          "unlabelled": sum(not c.labeled for c in self.train_cases)}, "seed": cfg.seed,
                 "completed": completed, "best": {k: self.best[k] for k in ("stage", "epoch", "model", "head")},
                 "config": cfg.to_json(), "ltuda_version": __version__,
             },
