@@ -105,6 +105,10 @@ def test_accuracy_benchmark_measures_the_multi_site_gap(tmp_path):
     for organ, value in gap["per_organ"].items():
         assert abs(value - (gap["own_site"][organ] - gap["other_sites"][organ])) < 1e-9
     assert entry["site_gap_labeled_only"] == gap["gap"] and set(entry["methods"]) == {"labeled-only"}
+    # the shift measured is labelled sites -> the unlabelled local site, whose scanner the test cases share
+    assert gap["against"] == "unlabelled site"
+    assert gap["other_sites"] == pytest.approx(entry["methods"]["labeled-only"]["per_organ_dice"])
+    assert set(gap["between_labelled_sites_per_organ"]) == set(gap["per_organ"])
     # the phantoms of this generator version have their own folder, so older versions' models are never reused
     from ltuda.data.phantoms import LAYOUT_VERSIONS
 
@@ -117,6 +121,10 @@ def test_accuracy_benchmark_measures_the_multi_site_gap(tmp_path):
     by_phase = gap["by_site_and_phase"]
     assert {"kidney arterial", "spleen contrast", "test contrast"} <= set(by_phase)
     assert all(0.0 <= d <= 1.0 for row in by_phase.values() for d in row.values() if d == d)
+    # the unlabelled scans are in the data set, and labelled-only, which cannot learn from them, left them out
+    dataset = json.loads(Path(model["training"]["dataset"]).read_text())
+    assert [c["id"] for c in dataset["cases"] if not c["labeled"]] == ["local_000", "local_001"]
+    assert model["training"]["cases"]["unlabelled"] == 0
 
 
 def _accuracy_module():

@@ -146,19 +146,29 @@ def _dice_by(cases, scores, classes, group) -> dict:
             for key, results in groups.items()}
 
 
-def site_gap(runs: list) -> dict:
+def site_gap(runs: list, unlabelled_site: bool = False) -> dict:
     """Labelled-only's own-site minus other-site Dice, per organ and mean (the site that labels an organ
-    is the site of the same name), averaged over seeds."""
+    is the site of the same name), averaged over seeds.
+
+    With `unlabelled_site` (phantoms with the local site's unlabelled scans), "other site" is that site: the
+    gap is own-site Dice minus the Dice on the test cases, which come from the local site's scanner and
+    patients (the labelled-to-unlabelled shift); the gap between the labelled sites is kept beside it."""
     organs = list(runs[0]["site_dice"])
     own = {o: float(np.mean([r["site_dice"][o][o] for r in runs])) for o in organs}
-    other = {o: float(np.mean([np.mean([r["site_dice"][s][o] for s in organs if s != o]) for r in runs]))
-             for o in organs}
+    labelled = {o: float(np.mean([np.mean([r["site_dice"][s][o] for s in organs if s != o]) for r in runs]))
+                for o in organs}
+    between = {o: own[o] - labelled[o] for o in organs}
+    other = {o: float(np.mean([r["per_organ_dice"][o] for r in runs])) for o in organs} if unlabelled_site else labelled
     gaps = {o: own[o] - other[o] for o in organs}
     # by site and phase (held-out cases, then the test cases): where the labelled-only models meet their shift
     keys = [k for k in runs[0].get("site_phase_dice", {}) if all(k in r.get("site_phase_dice", {}) for r in runs)]
     by_phase = {k: {o: float(np.mean([r["site_phase_dice"][k][o] for r in runs])) for o in organs} for k in keys}
-    return {"gap": float(np.mean(list(gaps.values()))), "per_organ": gaps, "own_site": own, "other_sites": other,
-            "seeds": len(runs), "by_site_and_phase": by_phase}
+    gap = {"gap": float(np.mean(list(gaps.values()))), "per_organ": gaps, "own_site": own, "other_sites": other,
+           "seeds": len(runs), "by_site_and_phase": by_phase}
+    if unlabelled_site:
+        gap.update(against="unlabelled site", between_labelled_sites=float(np.mean(list(between.values()))),
+                   between_labelled_sites_per_organ=between)
+    return gap
 
 
 def score(model_dir: Path, manifest, work: Path, holdout: Path = None) -> dict:
@@ -343,9 +353,12 @@ def make_phantoms(work: Path, protocol: str, smoke: bool, seed: int = PHANTOM_SE
     folder = work / (f"phantoms-{protocol}" + (f"-v{version}" if version > 1 else ""))
     size = dict(cases_per_site=2, test_cases=1, shape=(48, 48), holdout_per_site=1) if smoke else \
         dict(cases_per_site=10, test_cases=6, shape=(96, 96), holdout_per_site=4)
-    partial = generate_phantoms(folder, seed=seed, layout=protocol, **size)
+    # multi-site: the hospital's own unlabelled scans beside the four labelled sites, as many as one site has
+    unlabelled = size["cases_per_site"] if protocol == "multi-site" else 0
+    partial = generate_phantoms(folder, seed=seed, layout=protocol, unlabelled_cases=unlabelled, **size)
     return {"partial": partial, "full": partial.with_name("dataset_full.json"),
-            "holdout": partial.with_name("dataset_holdout.json"), "version": version}
+            "holdout": partial.with_name("dataset_holdout.json"), "version": version,
+            "unlabelled_site": unlabelled > 0}
 
 
 def _worker_init():
@@ -507,7 +520,7 @@ def main(argv=None):
                 entry["paired_tests"] = {f"ltuda_vs_{k}": paired_methods(methods["ltuda"], methods[k])
                                          for k in ("labeled-only", "cda") if k in methods}
             if args.site_gap and done(None, "labeled-only"):  # none when every run failed or was stopped
-                entry["site_gap"] = site_gap(done(None, "labeled-only"))
+                entry["site_gap"] = site_gap(done(None, "labeled-only"), phantoms["unlabelled_site"])
             elif previous.get("site_gap") and same_experiment:
                 entry["site_gap"] = previous["site_gap"]
             if entry.get("site_gap"):
@@ -572,10 +585,13 @@ def render_markdown(results) -> str:
                   f"{entry.get('settings') or 'none'}; machine {entry['machine']}", ""]
         if entry.get("site_gap"):
             gap = entry["site_gap"]
+            other = ("the test cases', which come from the unlabelled site's scanner and patients"
+                     if gap.get("against") == "unlabelled site" else "the other sites'")
             lines += [f"Site gap of labelled-only (Dice on held-out cases of the site that labels the organ minus "
-                      f"the other sites', {gap['seeds']} seed(s)): {gap['gap']:.3f}; per organ "
-                      + ", ".join(f"{o} {gap['own_site'][o]:.3f}/{gap['other_sites'][o]:.3f}" for o in gap["per_organ"]),
-                      ""]
+                      f"{other}, {gap['seeds']} seed(s)): {gap['gap']:.3f}; per organ "
+                      + ", ".join(f"{o} {gap['own_site'][o]:.3f}/{gap['other_sites'][o]:.3f}" for o in gap["per_organ"])
+                      + (f"; between the labelled sites: {gap['between_labelled_sites']:.3f}"
+                         if "between_labelled_sites" in gap else ""), ""]
             if gap.get("by_site_and_phase"):
                 organs_gap = list(gap["per_organ"])
                 lines += ["Labelled-only Dice by site and contrast phase (held-out cases of the training sites, then the "
