@@ -32,6 +32,6 @@ def test_ltuda_learns_from_unlabelled_cases_and_labelled_only_leaves_them_out(da
     cases = json.loads((out / "model.json").read_text())["training"]["cases"]
     assert cases == {"train": 4 + used, "val": 4, "unlabelled": used}
     log = (out / "train.log").read_text()
-    expected = ("2 case(s) label no organ: they are learnt from through pseudo-labels" if used else
+    expected = ("2 case(s) label no organ: ltuda learns from them through pseudo-labels" if used else
                 "2 case(s) label no organ; labeled-only learns from labels only, so they are not used")
     assert expected in log

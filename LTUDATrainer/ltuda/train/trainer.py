@@ -125,7 +125,8 @@ class Trainer:
             self.report.log(f"{len(unlabelled)} case(s) label no organ; {self.config.method} learns from labels "
                             "only, so they are not used (ltuda and cda learn from them through pseudo-labels)")
         elif unlabelled:
-            self.report.log(f"{len(unlabelled)} case(s) label no organ: they are learnt from through pseudo-labels")
+            self.report.log(f"{len(unlabelled)} case(s) label no organ: {self.config.method} learns from them "
+                            "through pseudo-labels")
         self.report.log(f"preprocessing {len(train) + len(val)} case(s) (cached in {self.cache.root})")
         problems, prepared, full = [], {}, {}
         with_full = all(c.label_full is not None for c in train)
