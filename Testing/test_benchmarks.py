@@ -97,14 +97,15 @@ def test_accuracy_benchmark_rejects_unknown_methods_and_settings(tmp_path):
 
 
 def test_accuracy_benchmark_measures_the_multi_site_gap(tmp_path):
-    result = _run(tmp_path, "--seeds", "1", "--protocol", "multi-site", "--site-gap")
+    # labelled-only gives the gap; a method asked for beside it is run too (not silently dropped)
+    result = _run(tmp_path, "--seeds", "1", "--protocol", "multi-site", "--site-gap", "--methods", "cda")
     assert result.returncode == 0, result.stderr[-3000:]
     entry = json.loads((tmp_path / "results" / "accuracy.json").read_text())["protocols"]["multi-site"]
     gap = entry["site_gap"]
     assert set(gap["per_organ"]) == {"liver", "spleen", "kidney", "pancreas"}
     for organ, value in gap["per_organ"].items():
         assert abs(value - (gap["own_site"][organ] - gap["other_sites"][organ])) < 1e-9
-    assert entry["site_gap_labeled_only"] == gap["gap"] and set(entry["methods"]) == {"labeled-only"}
+    assert entry["site_gap_labeled_only"] == gap["gap"] and set(entry["methods"]) == {"labeled-only", "cda"}
     # the shift measured is labelled sites -> the unlabelled local site, whose scanner the test cases share
     assert gap["against"] == "unlabelled site"
     assert gap["other_sites"] == pytest.approx(entry["methods"]["labeled-only"]["per_organ_dice"])

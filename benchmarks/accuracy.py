@@ -410,7 +410,8 @@ def main(argv=None):
                              "of the schedule")
     parser.add_argument("--site-gap", action="store_true",
                         help="measure the protocol's site gap: labelled-only's Dice on held-out cases of the site "
-                             "that labels each organ minus the other sites'")
+                             "that labels each organ minus the other sites' (with the unlabelled site: minus the test "
+                             "cases'); runs labelled-only, then the --methods given, scored on the held-out cases too")
     parser.add_argument("--jobs", type=int, default=1, help="training processes at once (one thread each)")
     parser.add_argument("--smoke", action="store_true", help="smallest configuration: a few iterations")
     parser.add_argument("--dev", action="store_true",
@@ -430,8 +431,9 @@ def main(argv=None):
     if factors:  # labelled-only against LTUDA, or against the recipes --methods names
         chosen = requested if args.methods != parser.get_default("methods") else ["ltuda"]
         requested = ["labeled-only"] + [key for key in chosen if key != "labeled-only"]
-    if args.site_gap:
-        requested = ["labeled-only"]
+    if args.site_gap:  # the gap is labelled-only's: it alone, or first beside the methods asked for
+        chosen = requested if args.methods != parser.get_default("methods") else []
+        requested = ["labeled-only"] + [key for key in chosen if key != "labeled-only"]
     here = Path(__file__).resolve().parent
     out = Path(args.out) if args.out else here / "results" / ("dev" if args.dev else "")
     work = Path(args.work) if args.work else here / "work" / ("accuracy-dev" if args.dev else "accuracy")
