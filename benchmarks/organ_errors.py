@@ -49,23 +49,32 @@ def main(argv=None):
     parser.add_argument("--methods", default="labeled-only,ltuda")
     parser.add_argument("--work", default=str(HERE / "work" / "accuracy"))
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--by-phase", action="store_true",
+                        help="a row per contrast phase of the test cases (native, portal venous) as well")
     args = parser.parse_args(argv)
+    from ltuda.data.phantoms import LAYOUT_VERSIONS
     from ltuda.manifest import load_manifest
 
     work = Path(args.work)
-    manifest = load_manifest(work / f"phantoms-{args.protocol}" / "dataset.json")
-    cases = manifest.split("test")
+    version = LAYOUT_VERSIONS[args.protocol]  # the accuracy benchmark's folder of this version's phantoms
+    manifest = load_manifest(work / (f"phantoms-{args.protocol}" + (f"-v{version}" if version > 1 else ""))
+                             / "dataset.json")
+    groups = {"": manifest.split("test")}
+    if args.by_phase:
+        for case in manifest.split("test"):
+            groups.setdefault(f" {case.extra['phase']}", []).append(case)
     results = {}
     for point in args.points.split(","):
         for key in args.methods.split(","):
             folders = sorted((work / args.protocol / point / key).glob("seed*"))
-            seen, errors = pooled_errors(folders, cases, manifest.classes)
-            if seen:  # runs still training have no segmentations yet
-                results.setdefault(point, {})[key] = {"cases": seen, "organs": errors}
+            for group, cases in groups.items():
+                seen, errors = pooled_errors(folders, cases, manifest.classes)
+                if seen:  # runs still training have no segmentations yet
+                    results.setdefault(point + group, {})[key] = {"cases": seen, "organs": errors}
     organs = [c["name"] for c in manifest.classes]
     lines = ["# Voxel precision / recall per organ (test cases, pooled over cases and seeds)", "",
              f"Command: `python benchmarks/organ_errors.py --protocol {args.protocol} --points {args.points} "
-             f"--methods {args.methods}`", "", "| point | method | cases | " + " | ".join(organs) + " |",
+             f"--methods {args.methods}" + (" --by-phase" if args.by_phase else "") + "`", "", "| point | method | cases | " + " | ".join(organs) + " |",
              "|---|---|---|" + "---|" * len(organs)]
     for point, methods in results.items():
         for key, pooled in methods.items():
