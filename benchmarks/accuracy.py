@@ -344,13 +344,21 @@ def paired_methods(a: dict, b: dict) -> dict:
     return paired_test([first[s] for s in common], [second[s] for s in common])
 
 
+def phantoms_folder(work: Path, protocol: str) -> Path:
+    """The folder of the protocol's phantoms of the current generator version. A changed generator writes to a
+    new folder: finished runs are matched by their dataset's path, so models trained on older phantoms are not
+    reused (version 1 keeps the original folder name and its runs)."""
+    from ltuda.data.phantoms import LAYOUT_VERSIONS
+
+    version = LAYOUT_VERSIONS[protocol]
+    return work / (f"phantoms-{protocol}" + (f"-v{version}" if version > 1 else ""))
+
+
 def make_phantoms(work: Path, protocol: str, smoke: bool, seed: int = PHANTOM_SEED) -> dict:
     from ltuda.data.phantoms import LAYOUT_VERSIONS, generate_phantoms
 
-    # A changed generator writes to a new folder: finished runs are matched by their dataset's path, so models
-    # trained on older phantoms are not reused (version 1 keeps the original folder name and its runs).
     version = LAYOUT_VERSIONS[protocol]
-    folder = work / (f"phantoms-{protocol}" + (f"-v{version}" if version > 1 else ""))
+    folder = phantoms_folder(work, protocol)
     size = dict(cases_per_site=2, test_cases=1, shape=(48, 48), holdout_per_site=1) if smoke else \
         dict(cases_per_site=10, test_cases=6, shape=(96, 96), holdout_per_site=4)
     # multi-site: the hospital's own unlabelled scans beside the four labelled sites, as many as one site has

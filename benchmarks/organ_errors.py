@@ -52,13 +52,11 @@ def main(argv=None):
     parser.add_argument("--by-phase", action="store_true",
                         help="a row per contrast phase of the test cases (native, portal venous) as well")
     args = parser.parse_args(argv)
-    from ltuda.data.phantoms import LAYOUT_VERSIONS
+    from accuracy import phantoms_folder
     from ltuda.manifest import load_manifest
 
     work = Path(args.work)
-    version = LAYOUT_VERSIONS[args.protocol]  # the accuracy benchmark's folder of this version's phantoms
-    manifest = load_manifest(work / (f"phantoms-{args.protocol}" + (f"-v{version}" if version > 1 else ""))
-                             / "dataset.json")
+    manifest = load_manifest(phantoms_folder(work, args.protocol) / "dataset.json")
     groups = {"": manifest.split("test")}
     if args.by_phase:
         for case in manifest.split("test"):
@@ -74,7 +72,8 @@ def main(argv=None):
     organs = [c["name"] for c in manifest.classes]
     lines = ["# Voxel precision / recall per organ (test cases, pooled over cases and seeds)", "",
              f"Command: `python benchmarks/organ_errors.py --protocol {args.protocol} --points {args.points} "
-             f"--methods {args.methods}" + (" --by-phase" if args.by_phase else "") + "`", "", "| point | method | cases | " + " | ".join(organs) + " |",
+             f"--methods {args.methods}" + (" --by-phase" if args.by_phase else "") + "`", "",
+             "| point | method | cases | " + " | ".join(organs) + " |",
              "|---|---|---|" + "---|" * len(organs)]
     for point, methods in results.items():
         for key, pooled in methods.items():
