@@ -126,6 +126,11 @@ def test_accuracy_benchmark_measures_the_multi_site_gap(tmp_path):
     dataset = json.loads(Path(model["training"]["dataset"]).read_text())
     assert [c["id"] for c in dataset["cases"] if not c["labeled"]] == ["local_000", "local_001"]
     assert model["training"]["cases"]["unlabelled"] == 0
+    # CDA's teacher is scored on the unlabelled scans by phase, apart from the labelled sites' cases
+    cda_last = entry["methods"]["cda"]["pseudo_label_quality"][0][-1]
+    assert {"local contrast", "local native", "kidney arterial"} <= set(cda_last["by_group"])
+    report = (tmp_path / "results" / "accuracy.md").read_text()
+    assert "| end of training, local native cases |" in report
 
 
 def _accuracy_module():

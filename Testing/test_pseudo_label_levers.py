@@ -14,7 +14,8 @@ from ltuda.data.preprocess import PreparedCase
 from ltuda.losses import IGNORE, partial_bce, partial_seg_loss
 from ltuda.model.network import LTUDANet, NetworkConfig
 from ltuda.train.config import make_config
-from ltuda.train.diagnostics import pseudo_label_quality
+from ltuda.manifest import Case
+from ltuda.train.diagnostics import case_group, pseudo_label_counts, pseudo_label_quality, quality_by_group
 from ltuda.train.gate import OrganGate
 from ltuda.train.steps import StepContext, ltuda_step, make_pseudo_labels
 
@@ -141,6 +142,29 @@ def test_pseudo_label_quality_is_measured_on_the_organs_a_case_does_not_label():
     # organ 2 is unlabelled in case b: 2 true pixels, never predicted
     assert quality["spleen"] == {"precision": 0.0, "recall": 0.0, "dice": 0.0}
     assert "kidney" not in quality  # absent and never predicted
+
+
+def test_pseudo_label_quality_by_site_and_phase_keeps_each_group_apart():
+    truth = np.zeros((2, 4, 4), dtype=np.uint8)
+    truth[:, :, 0:2] = 1  # case "seen": the teacher's left half is exactly the organ
+    shifted = np.zeros_like(truth)
+    shifted[:, :, 2:4] = 1  # case "missed": the organ is on the side the teacher never predicts
+    image = np.zeros((2, 4, 4), dtype=np.float16)
+    empty = np.zeros_like(truth)
+    pairs = [(PreparedCase("seen", image, empty, []), PreparedCase("seen", image, truth, [1, 2, 3, 4])),
+             (PreparedCase("missed", image, empty, []), PreparedCase("missed", image, shifted, [1, 2, 3, 4]))]
+    classes = [{"name": n, "value": v} for v, n in enumerate(("liver", "spleen", "kidney", "pancreas"), start=1)]
+    counts = pseudo_label_counts(_FixedTeacher(), pairs, classes, "cpu", contextlib.nullcontext)
+    by_group = quality_by_group(counts, ["local contrast", "local native"], classes)
+    assert by_group["local contrast"]["liver"] == {"precision": 1.0, "recall": 1.0, "dice": 1.0}
+    assert by_group["local native"]["liver"] == {"precision": 0.0, "recall": 0.0, "dice": 0.0}
+    # pooled, the two cases average out: what the groups are there to show
+    pooled = pseudo_label_quality(_FixedTeacher(), pairs, classes, "cpu", contextlib.nullcontext)
+    assert pooled["liver"] == {"precision": 0.5, "recall": 0.5, "dice": 0.5}
+    case = lambda **extra: Case("x", None, None, [], extra=extra)  # noqa: E731
+    assert case_group(case(site="local", phase="native")) == "local native"
+    assert case_group(case(site="kidney")) == "kidney"
+    assert case_group(case()) is None
 
 
 def test_stage2_starts_from_the_best_stage1_student(tiny_dataset, tmp_path, monkeypatch):

@@ -35,3 +35,7 @@ def test_ltuda_learns_from_unlabelled_cases_and_labelled_only_leaves_them_out(da
     expected = ("2 case(s) label no organ: ltuda learns from them through pseudo-labels" if used else
                 "2 case(s) label no organ; labeled-only learns from labels only, so they are not used")
     assert expected in log
+    if used:  # the teacher's pseudo-labels are also scored per site and phase (the manifest gives both)
+        last = json.loads((out / "model.json").read_text())["pseudo_label_quality"][-1]
+        assert {"local contrast", "local native"} <= set(last["by_group"])
+        assert set(last["by_group"]["local native"]) <= set(last["per_organ"])

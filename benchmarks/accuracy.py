@@ -570,13 +570,19 @@ def _quality_lines(methods: dict) -> list:
             picked = [p[0] for p in map(pick, runs) if p]
             if not picked:
                 continue
-            cells = []
-            for organ in organs:
-                values = [[d["per_organ"].get(organ, {}).get(m, np.nan) for d in picked]
-                          for m in ("precision", "recall", "dice")]
-                cells.append(" / ".join(_fmt(_nanmean(v), 2) for v in values))
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | " + " | ".join(_quality_cells([d["per_organ"] for d in picked], organs)) + " |")
+        # at the end of training, by the training cases' site and phase (where the teacher meets a shift)
+        groups = sorted({g for run in runs for g in run[-1].get("by_group", {})})
+        for group in groups:
+            picked = [run[-1]["by_group"][group] for run in runs if group in run[-1].get("by_group", {})]
+            lines.append(f"| end of training, {group} cases | " + " | ".join(_quality_cells(picked, organs)) + " |")
     return lines
+
+
+def _quality_cells(per_organ_runs: list, organs: list) -> list:
+    """One "precision / recall / Dice" cell per organ, mean over the runs that measured it."""
+    return [" / ".join(_fmt(_nanmean([q.get(organ, {}).get(m, np.nan) for q in per_organ_runs]), 2)
+                       for m in ("precision", "recall", "dice")) for organ in organs]
 
 
 def render_markdown(results) -> str:

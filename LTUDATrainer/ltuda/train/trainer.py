@@ -21,7 +21,7 @@ from ..model.network import HEADS, LTUDANet, NetworkConfig
 from ..model.store import atomic_torch_save, atomic_write_json, safe_torch_load, save_model
 from ..validation import validate
 from .config import STAGE_NAMES, TrainConfig
-from .diagnostics import pseudo_label_quality
+from .diagnostics import case_group, pseudo_label_counts, quality_by_group, quality_from_counts
 from .distributed import share_start, steps_per_epoch
 from .lock import STOP_NAME, stop_requested as stop_file_present
 from .steps import StepContext, ltuda_step, supervised_step
@@ -145,6 +145,8 @@ class Trainer:
         self.train_cases, self.val_cases = train, val
         # Teacher diagnostics on the organs each case does not label, where the truth is known.
         self.diagnostic_pairs = [(prepared[c.id], full[c.id]) for c in train] if with_full else []
+        groups = [case_group(c) for c in train]  # by site and phase, where the manifest says so
+        self.diagnostic_groups = groups if len({g for g in groups if g}) > 1 else []
         self.diagnostics = []
         oracle = [full[c.id] for c in train] if self.config.oracle_pseudo_labels else None
         self.pool = SlicePool([prepared[c.id] for c in train], self.num_classes, self.device, full_labels=oracle)
@@ -405,9 +407,12 @@ class Trainer:
         """The teacher's pseudo-label quality where they are used, when the truth is known."""
         if stage not in (1, 2) or not self.diagnostic_pairs or self.config.oracle_pseudo_labels:
             return
-        quality = pseudo_label_quality(self.teacher, self.diagnostic_pairs, self.classes, self.device, self._autocast)
-        self.diagnostics.append({"stage": stage, "epoch": epoch, "per_organ": quality})
-        self.report.emit("pseudo_labels", stage=stage, epoch=epoch, per_organ=quality)
+        counts = pseudo_label_counts(self.teacher, self.diagnostic_pairs, self.classes, self.device, self._autocast)
+        entry = {"stage": stage, "epoch": epoch, "per_organ": quality_from_counts(counts, self.classes)}
+        if self.diagnostic_groups:
+            entry["by_group"] = quality_by_group(counts, self.diagnostic_groups, self.classes)
+        self.diagnostics.append(entry)
+        self.report.emit("pseudo_labels", **entry)
 
     def _validate(self, stage, epoch):
         heads = ("linear",) if stage in (0, 1) else HEADS
