@@ -182,6 +182,22 @@ def test_a_learning_curve_point_gathers_seeds_and_recipes_over_invocations():
     assert "| x4 | ltuda | 0.700 | 0.690 | -0.010 |" in markdown and "| x4 | ltuda-rampup | 0.720 | 0.733 |" in markdown
 
 
+def test_a_learning_curve_pairs_only_runs_made_on_the_same_package_versions():
+    accuracy = _accuracy_module()
+    versions = accuracy.package_versions()
+    assert versions.startswith("torch ") and "monai " in versions and "SimpleITK " in versions
+
+    def runs(**dice):
+        return {int(seed[1:]): {"mean_dice": d, "iterations": 7040} for seed, d in dice.items()}
+    point = accuracy.add_to_curve({}, {"labeled-only": runs(s43=0.70, s44=0.72)}, "first", "torch 1")
+    # a later session, after a fresh install: seed 44's labelled-only run was made on other versions
+    accuracy.add_to_curve(point, {"labeled-only": runs(s45=0.74), "ltuda": runs(s44=0.80, s45=0.75)}, "second",
+                          "torch 2")
+    test = point["ltuda_vs_labeled-only"]
+    assert (test["seeds"], test["mean_gain"]) == (1, pytest.approx(0.01))  # seed 45 alone
+    assert point["packages"]["labeled-only"] == {"43": "torch 1", "44": "torch 1", "45": "torch 2"}
+
+
 def test_a_setting_added_later_at_its_default_keeps_finished_runs(tmp_path):
     accuracy = _accuracy_module()
     from ltuda.train.config import make_config

@@ -302,21 +302,39 @@ def summarise_seeds(runs: list) -> dict:
     }
 
 
-def add_to_curve(point: dict, finished: dict, command: str) -> dict:
+def package_versions() -> str:
+    """The packages a run's figures depend on. Runs repeat exactly on one set of versions only: on another
+    (a fresh install months later) a seed's Dice moves by about 0.01, as much as many method differences."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("torch", "monai", "numpy", "scipy", "SimpleITK"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} absent")
+    return ", ".join(found)
+
+
+def add_to_curve(point: dict, finished: dict, command: str, packages: str = None) -> dict:
     """Merge one invocation's finished runs ({method: {seed: result}}) into a learning-curve point.
 
-    Runs are deterministic, so a seed's figure from an earlier invocation stands beside this one's: a partial
-    invocation adds seeds and never shrinks a method's record, and a point holds every recipe measured at
-    it. Each recipe is compared with labelled-only over the seeds both have."""
+    Runs are deterministic on one set of package versions, so a seed's figure from an earlier invocation
+    stands beside this one's: a partial invocation adds seeds and never shrinks a method's record, and a
+    point holds every recipe measured at it. Each recipe is compared with labelled-only over the seeds both
+    have on the same package versions (runs recorded before versions were kept count as one set)."""
     per_seed = point.setdefault("per_seed", {})
+    versions = point.setdefault("packages", {})
     for key, results in finished.items():
         per_seed[key] = {**per_seed.get(key, {}), **{str(s): r["mean_dice"] for s, r in results.items()}}
+        versions[key] = {**versions.get(key, {}), **{str(s): packages for s in results}}
         point.setdefault("iterations", {})[key] = next(iter(results.values()))["iterations"]
         point.setdefault("commands", {})[key] = command
     baseline = per_seed.get("labeled-only", {})
+    same_packages = lambda key, s: versions.get(key, {}).get(s) == versions.get("labeled-only", {}).get(s)  # noqa: E731
     for key, dice in per_seed.items():
         point[key] = float(np.mean(list(dice.values())))
-        paired = [s for s in dice if s in baseline]
+        paired = [s for s in dice if s in baseline and same_packages(key, s)]
         if key != "labeled-only" and paired:
             point[f"{key}_vs_labeled-only"] = {
                 **paired_test([dice[s] for s in paired], [baseline[s] for s in paired]),
@@ -455,6 +473,7 @@ def main(argv=None):
     seeds = [(DEV_FIRST_SEED if args.dev else FIRST_SEED) + i for i in range(args.seeds)]
     command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results_path = out / "accuracy.json"
+    packages = package_versions()
 
     points = factors or [None]
     runs = {(factor, key): {} for factor in points for key in requested}
@@ -500,7 +519,7 @@ def main(argv=None):
             for factor in factors:
                 finished = {key: runs[(factor, key)] for key in requested if runs[(factor, key)]}
                 if finished:
-                    add_to_curve(curve.setdefault(f"{factor:g}", {}), finished, command.strip())
+                    add_to_curve(curve.setdefault(f"{factor:g}", {}), finished, command.strip(), packages)
             # each point keeps the command that gave it: a later --learning-curve 8 adds to 1,2,4
             curve["commands"] = sorted(set(curve.get("commands", [])) | {command.strip()})
         else:
@@ -511,6 +530,7 @@ def main(argv=None):
                 methods[key] = summary = summarise_seeds(done(None, key))
                 summary["seeds_done"] = [s for s in seeds if s in runs[(None, key)]]
                 summary["command"] = command.strip()
+                summary["packages"] = packages
                 quality = [r.get("pseudo_label_quality") for r in done(None, key)]
                 if any(quality):  # the teacher diagnostics, per seed, for the plots
                     summary["pseudo_label_quality"] = quality
@@ -525,10 +545,11 @@ def main(argv=None):
                      "methods": methods, "complete": complete and all(m["seeds"] == len(seeds) for m in methods.values()),
                      "commands": sorted({m["command"] for m in methods.values()}),
                      "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                                 "jobs": args.jobs}}
-            if "ltuda" in methods:
+                                 "jobs": args.jobs, "packages": packages}}
+            if "ltuda" in methods:  # pairs only runs made on the same package versions
                 entry["paired_tests"] = {f"ltuda_vs_{k}": paired_methods(methods["ltuda"], methods[k])
-                                         for k in ("labeled-only", "cda") if k in methods}
+                                         for k in ("labeled-only", "cda")
+                                         if k in methods and methods[k].get("packages") == methods["ltuda"].get("packages")}
             if args.site_gap and done(None, "labeled-only"):  # none when every run failed or was stopped
                 entry["site_gap"] = site_gap(done(None, "labeled-only"), phantoms["unlabelled_site"])
             elif previous.get("site_gap") and same_experiment:
