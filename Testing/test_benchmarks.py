@@ -185,7 +185,7 @@ def test_a_learning_curve_point_gathers_seeds_and_recipes_over_invocations():
 def test_a_learning_curve_pairs_only_runs_made_on_the_same_package_versions():
     accuracy = _accuracy_module()
     versions = accuracy.package_versions()
-    assert versions.startswith("torch ") and "monai " in versions and "SimpleITK " in versions
+    assert versions.startswith("CPU ") and "torch " in versions and "monai " in versions and "SimpleITK " in versions
 
     def runs(**dice):
         return {int(seed[1:]): {"mean_dice": d, "iterations": 7040} for seed, d in dice.items()}

@@ -303,11 +303,14 @@ def summarise_seeds(runs: list) -> dict:
 
 
 def package_versions() -> str:
-    """The packages a run's figures depend on. Runs repeat exactly on one set of versions only: on another
-    (a fresh install months later) a seed's Dice moves by about 0.01, as much as many method differences."""
+    """The packages a run's figures depend on, and the CPU instruction set torch's kernels use. Runs repeat
+    exactly on one such set only: on another (a fresh install, another machine) a seed's Dice moves by about
+    0.01, as much as many method differences."""
     from importlib.metadata import PackageNotFoundError, version
 
-    found = []
+    import torch
+
+    found = [f"CPU {torch.backends.cpu.get_cpu_capability()}"]
     for name in ("torch", "monai", "numpy", "scipy", "SimpleITK"):
         try:
             found.append(f"{name} {version(name)}")
