@@ -134,6 +134,7 @@ class Group:
 
     def close(self):
         if dist.is_initialized():
+            dist.barrier()  # every rank done with its collectives before any tears its connections down
             dist.destroy_process_group()
 
 
