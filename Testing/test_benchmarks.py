@@ -182,6 +182,22 @@ def test_a_learning_curve_point_gathers_seeds_and_recipes_over_invocations():
     assert "| x4 | ltuda | 0.700 | 0.690 | -0.010 |" in markdown and "| x4 | ltuda-rampup | 0.720 | 0.733 |" in markdown
 
 
+def test_a_learning_curve_point_compares_ltuda_with_cda_alone_where_it_has_both():
+    accuracy = _accuracy_module()
+
+    def runs(**dice):
+        return {int(seed[1:]): {"mean_dice": d, "iterations": 7040} for seed, d in dice.items()}
+    point = accuracy.add_to_curve({}, {"labeled-only": runs(s43=0.70, s44=0.72), "ltuda": runs(s43=0.75, s44=0.76)},
+                                  "first", "torch 1")
+    assert "ltuda_vs_cda" not in point
+    accuracy.add_to_curve(point, {"labeled-only": runs(s43=0.70), "cda": runs(s43=0.73, s44=0.73)}, "second", "torch 1")
+    test = point["ltuda_vs_cda"]
+    assert (test["seeds"], test["mean_gain"], test["cda"]) == (2, pytest.approx(0.025), pytest.approx(0.73))
+    assert point["cda_vs_labeled-only"]["mean_gain"] == pytest.approx(0.02)
+    markdown = accuracy.render_markdown({"learning_curve": {"toy": {"commands": ["first", "second"], "8": point}}})
+    assert "x8, ltuda against cda: CDA 0.730, mean gain 0.025 over 2 paired seeds" in markdown
+
+
 def test_a_learning_curve_pairs_only_runs_made_on_the_same_package_versions():
     accuracy = _accuracy_module()
     versions = accuracy.package_versions()

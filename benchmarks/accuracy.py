@@ -325,7 +325,8 @@ def add_to_curve(point: dict, finished: dict, command: str, packages: str = None
     Runs are deterministic on one set of package versions, so a seed's figure from an earlier invocation
     stands beside this one's: a partial invocation adds seeds and never shrinks a method's record, and a
     point holds every recipe measured at it. Each recipe is compared with labelled-only over the seeds both
-    have on the same package versions (runs recorded before versions were kept count as one set)."""
+    have on the same package versions (runs recorded before versions were kept count as one set); LTUDA is
+    also compared with CDA alone where the point has both, as the issue's target asks."""
     per_seed = point.setdefault("per_seed", {})
     versions = point.setdefault("packages", {})
     for key, results in finished.items():
@@ -333,15 +334,18 @@ def add_to_curve(point: dict, finished: dict, command: str, packages: str = None
         versions[key] = {**versions.get(key, {}), **{str(s): packages for s in results}}
         point.setdefault("iterations", {})[key] = next(iter(results.values()))["iterations"]
         point.setdefault("commands", {})[key] = command
-    baseline = per_seed.get("labeled-only", {})
-    same_packages = lambda key, s: versions.get(key, {}).get(s) == versions.get("labeled-only", {}).get(s)  # noqa: E731
+
+    def compare(key, other):
+        dice, baseline = per_seed[key], per_seed.get(other, {})
+        paired = [s for s in dice if s in baseline and versions.get(key, {}).get(s) == versions[other].get(s)]
+        if key != other and paired:
+            point[f"{key}_vs_{other}"] = {**paired_test([dice[s] for s in paired], [baseline[s] for s in paired]),
+                                          other.replace("-", "_"): float(np.mean([baseline[s] for s in paired]))}
     for key, dice in per_seed.items():
         point[key] = float(np.mean(list(dice.values())))
-        paired = [s for s in dice if s in baseline and same_packages(key, s)]
-        if key != "labeled-only" and paired:
-            point[f"{key}_vs_labeled-only"] = {
-                **paired_test([dice[s] for s in paired], [baseline[s] for s in paired]),
-                "labeled_only": float(np.mean([baseline[s] for s in paired]))}
+        compare(key, "labeled-only")
+    if "ltuda" in per_seed:
+        compare("ltuda", "cda")
     return point
 
 
@@ -666,6 +670,12 @@ def render_markdown(results) -> str:
                 lines.append(f"| x{factor} | {key} | {_fmt(baseline)} | {_fmt(baseline + test['mean_gain'])} | "
                              f"{_fmt(test['mean_gain'])} | {_fmt(test['p_one_sided'], 3)} | {test['seeds']} | "
                              f"{point['iterations'][key]} |")
+        for factor, point in _curve_points(curve):
+            if "ltuda_vs_cda" in point:
+                test = point["ltuda_vs_cda"]
+                lines.append(f"\nx{factor}, ltuda against cda: CDA {_fmt(test['cda'])}, mean gain "
+                             f"{_fmt(test['mean_gain'])} over {test['seeds']} paired seeds, one-sided paired t-test "
+                             f"p = {_fmt(test['p_one_sided'], 3)}")
         lines.append("")
     return "\n".join(lines) + "\n"
 
