@@ -198,6 +198,18 @@ def test_a_learning_curve_point_compares_ltuda_with_cda_alone_where_it_has_both(
     assert "x8, ltuda against cda: CDA 0.730, mean gain 0.025 over 2 paired seeds" in markdown
 
 
+def test_a_learning_curve_point_keeps_each_seeds_organs():
+    accuracy = _accuracy_module()
+
+    def run(dice, pancreas):
+        return {"mean_dice": dice, "iterations": 7040, "per_organ_dice": {"liver": 0.9, "pancreas": pancreas}}
+    point = accuracy.add_to_curve({}, {"ltuda": {43: run(0.75, 0.40)}}, "first")
+    accuracy.add_to_curve(point, {"ltuda": {44: run(0.77, 0.50)}, "labeled-only": {44: run(0.7, 0.3)}}, "second")
+    assert point["per_organ_dice"]["ltuda"] == {"liver": pytest.approx(0.9), "pancreas": pytest.approx(0.45)}
+    markdown = accuracy.render_markdown({"learning_curve": {"toy": {"commands": ["first"], "8": point}}})
+    assert "| x8 | ltuda | 0.900 | 0.450 | 2 |" in markdown and "| x8 | labeled-only | 0.900 | 0.300 | 1 |" in markdown
+
+
 def test_a_learning_curve_pairs_only_runs_made_on_the_same_package_versions():
     accuracy = _accuracy_module()
     versions = accuracy.package_versions()

@@ -329,8 +329,15 @@ def add_to_curve(point: dict, finished: dict, command: str, packages: str = None
     also compared with CDA alone where the point has both, as the issue's target asks."""
     per_seed = point.setdefault("per_seed", {})
     versions = point.setdefault("packages", {})
+    organs = point.setdefault("per_seed_organ_dice", {})  # which organ a gain comes from
     for key, results in finished.items():
         per_seed[key] = {**per_seed.get(key, {}), **{str(s): r["mean_dice"] for s, r in results.items()}}
+        organs[key] = {**organs.get(key, {}),
+                       **{str(s): r["per_organ_dice"] for s, r in results.items() if "per_organ_dice" in r}}
+        if organs[key]:
+            by_seed = list(organs[key].values())
+            point.setdefault("per_organ_dice", {})[key] = {o: float(np.mean([d[o] for d in by_seed]))
+                                                           for o in by_seed[0]}
         versions[key] = {**versions.get(key, {}), **{str(s): packages for s in results}}
         point.setdefault("iterations", {})[key] = next(iter(results.values()))["iterations"]
         point.setdefault("commands", {})[key] = command
@@ -670,6 +677,14 @@ def render_markdown(results) -> str:
                 lines.append(f"| x{factor} | {key} | {_fmt(baseline)} | {_fmt(baseline + test['mean_gain'])} | "
                              f"{_fmt(test['mean_gain'])} | {_fmt(test['p_one_sided'], 3)} | {test['seeds']} | "
                              f"{point['iterations'][key]} |")
+        organ_rows = [(factor, key, dice, len(point["per_seed_organ_dice"][key]))
+                      for factor, point in _curve_points(curve) for key, dice in point.get("per_organ_dice", {}).items()]
+        if organ_rows:
+            organs = list(organ_rows[0][2])
+            lines += ["", "| schedule | method | " + " | ".join(organs) + " | seeds |",
+                      "|---|---|" + "---|" * len(organs) + "---|"]
+            lines += [f"| x{factor} | {key} | " + " | ".join(_fmt(dice[o]) for o in organs) + f" | {seeds} |"
+                      for factor, key, dice, seeds in organ_rows]
         for factor, point in _curve_points(curve):
             if "ltuda_vs_cda" in point:
                 test = point["ltuda_vs_cda"]
