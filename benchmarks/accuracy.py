@@ -311,6 +311,8 @@ def package_versions() -> str:
     import torch
 
     found = [f"CPU {torch.backends.cpu.get_cpu_capability()}"]
+    if torch.cuda.is_available():  # the runs train there (device "auto"), with its own kernels
+        found.append(f"GPU {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}")
     for name in ("torch", "monai", "numpy", "scipy", "SimpleITK"):
         try:
             found.append(f"{name} {version(name)}")
