@@ -21,7 +21,7 @@ def _weak_one(image, label, config):
     angle = float(torch.empty(1).uniform_(-config.rotation_deg, config.rotation_deg)) if torch.rand(1) < 0.5 else 0.0
     rad = math.radians(angle)
     theta = torch.tensor([[math.cos(rad) / scale, -math.sin(rad) / scale, 0.0],
-                          [math.sin(rad) / scale, math.cos(rad) / scale, 0.0]])[None]
+                          [math.sin(rad) / scale, math.cos(rad) / scale, 0.0]], device=image.device)[None]
     grid = F.affine_grid(theta, [1, 1] + list(image.shape[-2:]), align_corners=False)
     image = F.grid_sample(image[None] + 1, grid, align_corners=False)[0] - 1
     label = F.grid_sample(label[None, None].float(), grid, mode="nearest", align_corners=False)[0, 0].long()
