@@ -308,3 +308,35 @@ def test_organ_errors_pools_voxel_precision_and_recall_over_cases_and_seeds(tmp_
     seen, errors = pooled_errors([tmp_path / "seed43", tmp_path / "seed44", tmp_path / "still-training"], [case],
                                  classes)
     assert seen == 2 and errors == {"liver": {"precision": 0.75, "recall": 0.75}, "kidney": {"precision": 0.5, "recall": 1.0}}
+
+
+def _gpu_accuracy(tmp_path, deadline_s, *args):
+    return subprocess.run(["bash", str(BENCHMARKS / "gpu_accuracy.sh"), "--python", sys.executable,
+                           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+                           "--deadline-s", str(deadline_s), "--", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_gpu_accuracy_script_saves_finished_runs_and_the_progress_of_the_others(tmp_path):
+    # on a CPU machine it runs the same way (the dry run of a device call)
+    result = _gpu_accuracy(tmp_path, 400, "--smoke", "--protocol", "toy", "--learning-curve", "2", "--seeds", "1", "--jobs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    point = json.loads((tmp_path / "out" / "accuracy.json").read_text())["learning_curve"]["toy"]["2"]
+    assert set(point["per_seed"]) == {"labeled-only", "ltuda"}
+    progress = json.loads((tmp_path / "out" / "progress.json").read_text())["runs"]
+    assert set(progress) == {"toy/x2/labeled-only/seed43", "toy/x2/ltuda/seed43"}
+    assert all(run["completed"] for run in progress.values())
+    assert progress["toy/x2/ltuda/seed43"]["stage_index"] == 1  # it ended in stage 2
+    assert "toy x2 ltuda" in result.stdout  # the benchmark's own log is shown
+
+
+def test_the_gpu_accuracy_script_stops_the_benchmark_at_its_deadline(tmp_path):
+    result = _gpu_accuracy(tmp_path, 1, "--smoke", "--protocol", "toy", "--seeds", "2", "--jobs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "deadline of 1s reached" in (tmp_path / "out" / "accuracy.log").read_text()
+    progress = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert not any(run["completed"] for run in progress["runs"].values())
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "work")], capture_output=True, text=True)
+    assert leftover.stdout == ""  # the benchmark was stopped, not left running
+    bad = _gpu_accuracy(tmp_path, 1)  # no accuracy.py arguments: one clear line, no run
+    assert bad.returncode == 1 and "no accuracy.py arguments" in bad.stderr

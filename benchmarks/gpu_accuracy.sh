@@ -53,7 +53,7 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,dr
 started=$(date +%s)
 "$PY" "$REPO/benchmarks/accuracy.py" "$@" --out "$OUT" --work "$WORK/work" > "$OUT/accuracy.log" 2>&1 &
 leader=$!
-while kill -0 "$leader" 2> /dev/null && [ $(( $(date +%s) - started )) -lt "$DEADLINE_S" ]; do sleep 5; done
+while kill -0 "$leader" 2> /dev/null && [ $(( $(date +%s) - started )) -lt "$DEADLINE_S" ]; do sleep 1; done
 if kill -0 "$leader" 2> /dev/null; then  # its pool's workers are its children, and only they are stopped
   echo "gpu_accuracy: deadline of ${DEADLINE_S}s reached; stopping the benchmark" >> "$OUT/accuracy.log"
   workers=$(pgrep -P "$leader")  # read before the leader goes: then they are no longer its children
