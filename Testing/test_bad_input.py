@@ -124,7 +124,8 @@ def test_train_refuses_an_existing_model_without_overwrite(tiny_dataset, tiny_mo
     ("--pseudo-uncertain-below", "0.7", "outside [0, 0.5]"),
     ("--dice-weight", "-1", "negative"),
     ("--pseudo-gate", "1.5", "outside [0, 1)"),
-], ids=["image-size", "uncertain", "dice", "gate"])
+    ("--pseudo-dice-gate", "-0.1", "outside [0, 1)"),
+], ids=["image-size", "uncertain", "dice", "gate", "dice-gate"])
 def test_out_of_range_settings_are_refused(tiny_dataset, tmp_path, flag, value, expect):
     _check_fails(tmp_path, "train", "--dataset", tiny_dataset, "--out", tmp_path / "model", *TINY_TRAIN_ARGS, flag, value,
                  expect=[flag, expect])

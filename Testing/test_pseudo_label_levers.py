@@ -96,6 +96,65 @@ def test_dice_on_pseudo_targets_only_when_asked(monkeypatch, pseudo_dice, expect
     assert weights == expected  # weak labels, strong pseudo-labels, strong labels
 
 
+def test_the_dice_gate_keeps_pbce_on_every_pseudo_target_and_dice_on_the_open_organs_only(monkeypatch):
+    import ltuda.train.steps as steps
+    calls = []  # (target, dice_target) of every loss term
+
+    def recording_loss(logits, target, dice_weight=0.0, scaling="valid", dice_target=None):
+        calls.append((target, dice_target))
+        return partial_seg_loss(logits, target, dice_weight, scaling, dice_target=dice_target)
+
+    monkeypatch.setattr(steps, "partial_seg_loss", recording_loss)
+    config = make_config("fast", strong_views=1, dice_weight=1.0, pseudo_dice=True, pseudo_dice_gate=0.5,
+                         pseudo_uncertain_below=0.5)
+    net = LTUDANet(NetworkConfig(C, (8, 8, 16, 16, 32, 16), 16, 3))
+    ctx = StepContext(config, C, torch.Generator().manual_seed(0), contextlib.nullcontext)
+    ctx.gate.momentum = 1.0  # frozen: the step does not move it
+    ctx.gate.overlap, ctx.gate.total = torch.tensor([1.0, 0, 0, 0]), torch.tensor([2.0, 1, 1, 1])  # only organ 1
+    images, labels, labeled = _toy_batch()
+    ltuda_step(ctx, net, copy.deepcopy(net), (images, labels, labeled), 1)
+    (weak, no_gate), (pseudo, dice), (strong, no_gate_strong) = calls
+    assert no_gate is None and no_gate_strong is None  # ground-truth terms: Dice on their own targets
+    assert (pseudo >= 0).all()  # pBCE: every organ's pseudo-target, the teacher's negatives included
+    organs = torch.arange(C)
+    # where a pixel came from (CutMix pastes other samples in) decides what it labels, so compare channels:
+    # the Dice target is the pBCE target with the unlabelled channels of closed organs ignored
+    kept = (dice == pseudo)
+    ignored = (dice == IGNORE)
+    assert (kept | ignored).all()
+    assert kept[:, 0].all()  # organ 1 is open: all of it, labelled or not
+    for organ in organs[1:]:
+        channel_ignored = ignored[:, organ]
+        assert channel_ignored.any()  # closed: ignored where the pixel's case does not label it
+        assert not channel_ignored.all()  # ... and kept where it does (ground truth)
+
+
+def test_the_dice_gate_without_the_dice_term_on_pseudo_targets_is_refused(tiny_dataset, tmp_path, capsys):
+    from ltuda.cli import main
+
+    code = main(["train", "--dataset", str(tiny_dataset), "--out", str(tmp_path / "model"), "--pseudo-dice-gate", "0.7",
+                 "--dry-run"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--pseudo-dice-gate" in err and "Add --pseudo-dice" in err and "Traceback" not in err
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_training_with_the_dice_gate_reports_which_organs_get_the_dice_term(tiny_dataset, tmp_path):
+    from conftest import TINY_TRAIN_ARGS, run_ltuda
+
+    out = tmp_path / "model"
+    result = run_ltuda("train", "--dataset", tiny_dataset, "--out", out, *TINY_TRAIN_ARGS, "--pseudo-dice",
+                       "--pseudo-dice-gate", "0.5", "--progress", "jsonl", "--cache-dir", tmp_path / "cache")
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert epochs and all("pseudo_dice_on" in e and "teacher_dice" in e for e in epochs)
+    for e in epochs:  # the organs on are those whose running teacher Dice reached the threshold
+        assert sorted(e["pseudo_dice_on"]) == sorted(n for n, d in e["teacher_dice"].items() if d >= 0.5)
+        assert e["pseudo_labels_on"] == list(e["teacher_dice"])  # pBCE gate off: every organ's pseudo-labels
+    settings = json.loads((out / "model.json").read_text())
+    assert json.dumps(settings).count('"pseudo_dice_gate": 0.5') == 1
+
+
 def test_the_oracle_trains_on_the_true_labels(monkeypatch):
     import ltuda.train.steps as steps
     targets = []

@@ -74,6 +74,9 @@ METHODS = {
     "ltuda-warmup": ("ltuda", "partial", {"warmup_epochs": 8, "pseudo_rampup_epochs": 0, "lr_schedule": "per-stage"}),
     "ltuda-warmup-one-schedule": ("ltuda", "partial", {"warmup_epochs": 8, "pseudo_rampup_epochs": 0,
                                                        "lr_schedule": "whole-run"}),
+    # the shipped recipe with the Dice term on pseudo-targets, each organ's only once the teacher's running Dice
+    # on it reaches 0.7 (the ltuda-gate threshold); unlike ltuda-gate, pBCE keeps every organ's pseudo-labels
+    "ltuda-pseudo-dice-gate": ("ltuda", "partial", {"pseudo_dice": True, "pseudo_dice_gate": 0.7}),
 }
 DEFAULT_METHODS = ("fully-supervised", "labeled-only", "naive", "marginal-exclusion", "cda", "ltuda", "oracle")
 PROTOCOLS = ("toy", "multi-site")

@@ -88,6 +88,9 @@ def _build_parser() -> argparse.ArgumentParser:
         ("--pseudo-gate", float,
          "use an unlabelled organ's pseudo-labels only once the teacher's running Dice on the cases that label it "
          "reaches this (0: always, the paper)"),
+        ("--pseudo-dice-gate", float,
+         "with --pseudo-dice: the Dice term covers an unlabelled organ's pseudo-targets only once the teacher's running "
+         "Dice on the cases that label it reaches this; pBCE uses them throughout (0: from the start)"),
         ("--prototypes", int, "prototypes per class (M)"),
         ("--prototype-momentum", float, "momentum of prototype updates"),
         ("--strong-views", int, "CutMix strong views per sample (K)"),
@@ -335,7 +338,7 @@ def _train_follower(args, manifest, out, group, silent) -> int:
 TRAIN_SETTINGS = (
     "epochs_stage1", "epochs_stage2", "iterations_per_epoch", "batch_size", "image_size", "lr", "momentum",
     "ema_decay", "pseudo_rampup_epochs", "warmup_epochs", "pseudo_uncertain_below", "pseudo_confident_above",
-    "pseudo_gate", "pseudo_dice", "pbce_scaling",
+    "pseudo_gate", "pseudo_dice", "pseudo_dice_gate", "pbce_scaling",
     "dice_weight", "optimizer", "prototypes", "prototype_momentum", "strong_views", "val_fraction", "seed", "network",
     "stage2_start", "teacher_prototypes", "lr_schedule")
 
@@ -363,6 +366,12 @@ def _check_config(config):
     if not 0.0 <= config.pseudo_gate < 1.0:
         raise LtudaError(f"--pseudo-gate {config.pseudo_gate} is outside [0, 1)",
                          fix="Use 0 to always use pseudo-labels, or a teacher Dice such as 0.5.")
+    if not 0.0 <= config.pseudo_dice_gate < 1.0:
+        raise LtudaError(f"--pseudo-dice-gate {config.pseudo_dice_gate} is outside [0, 1)",
+                         fix="Use 0 for the Dice term on every organ's pseudo-targets, or a teacher Dice such as 0.7.")
+    if config.pseudo_dice_gate and not config.pseudo_dice:
+        raise LtudaError("--pseudo-dice-gate gates the Dice term on pseudo-targets, which is off",
+                         fix="Add --pseudo-dice (and a --dice-weight above 0), or leave out --pseudo-dice-gate.")
     if config.warmup_epochs < 0 or (config.warmup_epochs >= config.epochs_stage1 and 1 in config.stages):
         raise LtudaError(f"--warmup-epochs {config.warmup_epochs} is not in [0, --epochs-stage1 "
                          f"{config.epochs_stage1})", fix="Use e.g. half of stage 1's epochs, or 0 for none.")

@@ -77,10 +77,13 @@ def partial_dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -
 
 
 def partial_seg_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 0.0,
-                     scaling: str = "valid") -> torch.Tensor:
-    """pBCE, plus `dice_weight` x partial Dice when asked for."""
+                     scaling: str = "valid", dice_target: torch.Tensor = None) -> torch.Tensor:
+    """pBCE, plus `dice_weight` x partial Dice when asked for: on `dice_target` where given (the same
+    targets with more of them ignored), otherwise on `target`."""
     loss = partial_bce(logits, target, scaling)
-    return loss + dice_weight * partial_dice(logits, target) if dice_weight else loss
+    if not dice_weight:
+        return loss
+    return loss + dice_weight * partial_dice(logits, target if dice_target is None else dice_target)
 
 
 def prototype_loss(logits, similarity, target, proto_index, ppc_weight=0.01, ppd_weight=0.001, valid=None):

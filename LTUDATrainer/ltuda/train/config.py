@@ -51,6 +51,10 @@ class TrainConfig:
     pseudo_gate: float = 0.0
     # Also apply the Dice term (dice_weight) to pseudo-label targets.
     pseudo_dice: bool = False
+    # With pseudo_dice: the Dice term covers an unlabelled organ's pseudo-targets only once the teacher's
+    # running Dice on the cases that label it reaches this; its pBCE term (the teacher's negatives too)
+    # stays on throughout (0 = every organ whose pseudo-labels are used).
+    pseudo_dice_gate: float = 0.0
     # pBCE normalisation: "valid" (mean over non-ignored pixels and labelling samples) or "reference"
     # (the reference code: sum / all H*W pixels, summed over samples).
     pbce_scaling: str = "valid"

@@ -7,21 +7,26 @@ is the teacher's Dice on the organ where the truth is known: the weak views of t
 it, which the teacher predicts anyway to make pseudo-labels, so it costs nothing. Until an organ's
 running Dice reaches the threshold, its pseudo-label channel is ignored on cases that do not label it
 (for that organ, labelled-only training); above it, the teacher's positives and negatives are used.
+
+A second threshold does the same for the Dice term on pseudo-targets alone: its gradient scales with
+1/organ size, so a teacher's misses cost far more there than under pBCE, while the teacher's
+negatives (which pBCE keeps) are what stops an organ from spreading.
 """
 
 import torch
 
 
 class OrganGate:
-    def __init__(self, num_classes: int, threshold: float, momentum: float = 0.98):
-        self.threshold, self.momentum = float(threshold), float(momentum)
+    def __init__(self, num_classes: int, threshold: float, momentum: float = 0.98, dice_threshold: float = 0.0):
+        self.threshold, self.momentum, self.dice_threshold = float(threshold), float(momentum), float(dice_threshold)
         self.overlap = torch.zeros(num_classes)
         self.total = torch.zeros(num_classes)
         self.reduce = None  # distributed training: sums the batch counts over all ranks (distributed.py)
 
     @property
     def enabled(self) -> bool:
-        return self.threshold > 0
+        """Whether the teacher's Dice is tracked at all (either threshold in use)."""
+        return self.threshold > 0 or self.dice_threshold > 0
 
     def dice(self) -> torch.Tensor:
         """Running teacher Dice per organ (0 before the organ was ever seen)."""
@@ -29,9 +34,11 @@ class OrganGate:
 
     def open(self) -> torch.Tensor:
         """Bool [C]: organs whose pseudo-labels are used (all of them when the gate is off)."""
-        if not self.enabled:
-            return torch.ones_like(self.total, dtype=torch.bool)
-        return self.dice() >= self.threshold
+        return self.dice() >= self.threshold  # a Dice is never below 0: threshold 0 opens every organ
+
+    def dice_open(self) -> torch.Tensor:
+        """Bool [C]: organs whose pseudo-targets also get the Dice term."""
+        return self.dice() >= self.dice_threshold
 
     @torch.no_grad()
     def update(self, predicted: torch.Tensor, labels: torch.Tensor, labeled: torch.Tensor):

@@ -24,21 +24,25 @@ class StepContext:
         self.autocast = autocast
         self.weak = WeakAugment(scale_range=config.scale_range, rotation_deg=config.rotation_deg)
         self.pseudo_weight = 1.0  # set by the trainer during the stage-1 ramp-up
-        self.gate = OrganGate(num_classes, config.pseudo_gate)
+        self.gate = OrganGate(num_classes, config.pseudo_gate, dice_threshold=config.pseudo_dice_gate)
         self.reduce = None  # distributed training: sums bank statistics over all ranks (distributed.py)
 
-    def seg_loss(self, logits, target, pseudo: bool = False):
+    def seg_loss(self, logits, target, pseudo: bool = False, dice_target=None):
         """pBCE, plus the configured partial Dice on ground-truth targets, and on pseudo-targets only
-        with `pseudo_dice`.
+        with `pseudo_dice` (on `dice_target` where given: the organs the gate has not yet let into
+        the Dice term ignored).
 
         Dice is there so that labelled small organs are learnt in a short run. On the pseudo-targets of
         a poor teacher it would punish every pixel the teacher missed far harder than BCE does (its
         gradient scales with 1/organ size), so the student would copy the teacher's misses; with the
-        organ gate, only organs the teacher already segments well have pseudo-targets at all.
+        organ gate, only organs the teacher already segments well have pseudo-targets at all, or with
+        `pseudo_dice_gate`, the Dice term on them.
         """
         cfg = self.config
         dice = cfg.dice_weight if (not pseudo or cfg.pseudo_dice) else 0.0
-        return partial_seg_loss(logits, target, dice, cfg.pbce_scaling)
+        if dice_target is None:
+            return partial_seg_loss(logits, target, dice, cfg.pbce_scaling)
+        return partial_seg_loss(logits, target, dice, cfg.pbce_scaling, dice_target=dice_target)
 
 
 def supervised_step(ctx: StepContext, student, batch) -> torch.Tensor:
@@ -92,15 +96,26 @@ def make_pseudo_labels(teacher, images, labels, labeled, autocast, uncertain_bel
     return hard, target
 
 
-def _strong_views(ctx, images, partial, pseudo, pseudo_target, labels):
+def _strong_views(ctx, images, partial, pseudo, pseudo_target, labels, dice_target):
     """K CutMix views of the weak batch: images, partial targets, pseudo-labels, their per-organ
-    targets and ground-truth organs, all cut and pasted with the same boxes."""
+    targets, ground-truth organs and the pseudo-targets of the Dice term, all cut and pasted with the
+    same boxes (dice_target None: the Dice term sees the pseudo-targets themselves)."""
     b, _, h, w = images.shape
     views = []
     for _ in range(ctx.config.strong_views):
         boxes = cutmix_boxes(b, h, w, ctx.generator, images.device, area_range=ctx.config.cutmix_area)
-        views.append(tuple(cutmix(t, boxes) for t in (images, partial, pseudo, pseudo_target, labels)))
+        tensors = (images, partial, pseudo, pseudo_target, labels, dice_target)
+        views.append(tuple(None if t is None else cutmix(t, boxes) for t in tensors))
     return views
+
+
+def _dice_targets(ctx, pseudo_target, labeled):
+    """The pseudo-targets the Dice term sees: with `pseudo_dice_gate`, an unlabelled organ the gate has
+    not yet let into the Dice term is ignored there (pBCE still trains on it). None without that gate."""
+    if not (ctx.config.pseudo_dice and ctx.config.pseudo_dice_gate > 0):
+        return None
+    closed = ~ctx.gate.dice_open().to(labeled.device)[None, :] & ~labeled
+    return torch.where(closed[:, :, None, None], torch.full_like(pseudo_target, IGNORE), pseudo_target)
 
 
 def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.Tensor:
@@ -116,7 +131,8 @@ def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.T
                                                    ctx.config.pseudo_uncertain_below, ctx.gate,
                                                    ctx.config.pseudo_confident_above)
     partial = partial_target(labels, labeled, c)
-    views = _strong_views(ctx, images, partial, pseudo, pseudo_target, labels)
+    views = _strong_views(ctx, images, partial, pseudo, pseudo_target, labels,
+                          _dice_targets(ctx, pseudo_target, labeled))
     b, k = images.shape[0], len(views)
     heads = ("linear",) if stage == 1 else ("linear", "proto-labeled", "proto-unlabeled")
     with ctx.autocast():
@@ -125,10 +141,10 @@ def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.T
     loss = ctx.seg_loss(linear[:b], partial)
     strong_pseudo = torch.cat([v[2] for v in views])
     strong_linear = linear[b:]
-    for i, (_, view_partial, _, view_pseudo_target, _) in enumerate(views):
+    for i, (_, view_partial, _, view_pseudo_target, _, view_dice_target) in enumerate(views):
         logits = strong_linear[i * b:(i + 1) * b]
         weight = ctx.pseudo_weight if stage == 1 else 1.0
-        loss = loss + weight * ctx.seg_loss(logits, view_pseudo_target, pseudo=True)
+        loss = loss + weight * ctx.seg_loss(logits, view_pseudo_target, pseudo=True, dice_target=view_dice_target)
         if stage == 1:
             loss = loss + ctx.seg_loss(logits, view_partial)
     if stage == 2:

@@ -384,9 +384,12 @@ class Trainer:
         if stage == 0 or not ctx.gate.enabled:
             return {}
         names = [c["name"] for c in self.classes]
-        dice, open_ = ctx.gate.dice().tolist(), ctx.gate.open().tolist()
-        return {"teacher_dice": dict(zip(names, [round(d, 4) for d in dice])),
-                "pseudo_labels_on": [n for n, o in zip(names, open_) if o]}
+        dice, open_, dice_open = ctx.gate.dice().tolist(), ctx.gate.open().tolist(), ctx.gate.dice_open().tolist()
+        status = {"teacher_dice": dict(zip(names, [round(d, 4) for d in dice])),
+                  "pseudo_labels_on": [n for n, o in zip(names, open_) if o]}
+        if self.config.pseudo_dice and ctx.gate.dice_threshold > 0:
+            status["pseudo_dice_on"] = [n for n, o in zip(names, dice_open) if o]
+        return status
 
     def _begin_stage(self):
         """A new stage starts from the previous stage's last (or best, `stage2_start`) student; the teacher
