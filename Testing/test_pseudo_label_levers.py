@@ -151,8 +151,13 @@ def test_a_training_with_the_dice_gate_reports_which_organs_get_the_dice_term(ti
     for e in epochs:  # the organs on are those whose running teacher Dice reached the threshold
         assert sorted(e["pseudo_dice_on"]) == sorted(n for n, d in e["teacher_dice"].items() if d >= 0.5)
         assert e["pseudo_labels_on"] == list(e["teacher_dice"])  # pBCE gate off: every organ's pseudo-labels
-    settings = json.loads((out / "model.json").read_text())
-    assert json.dumps(settings).count('"pseudo_dice_gate": 0.5') == 1
+    model = json.loads((out / "model.json").read_text())
+    assert json.dumps(model).count('"pseudo_dice_gate": 0.5') == 1
+    # the phantoms have full labels, so model.json keeps the gate's state beside each pseudo-label diagnosis
+    diagnosed = {(d["stage"], d["epoch"]): d for d in model["pseudo_label_quality"]}
+    assert diagnosed
+    for e in epochs:
+        assert diagnosed[e["stage"], e["epoch"]]["pseudo_dice_on"] == e["pseudo_dice_on"]
 
 
 def test_the_oracle_trains_on_the_true_labels(monkeypatch):

@@ -412,6 +412,7 @@ class Trainer:
             return
         counts = pseudo_label_counts(self.teacher, self.diagnostic_pairs, self.classes, self.device, self._autocast)
         entry = {"stage": stage, "epoch": epoch, "per_organ": quality_from_counts(counts, self.classes)}
+        entry.update(self._gate_status(self.ctx, stage))  # with an organ gate: which organs it had let in
         if self.diagnostic_groups:
             entry["by_group"] = quality_by_group(counts, self.diagnostic_groups, self.classes)
         self.diagnostics.append(entry)
