@@ -70,6 +70,8 @@ def test_accuracy_benchmark_learning_curve_and_settings(tmp_path):
     assert joined["2"]["ltuda"] == curve["2"]["ltuda"] and joined["1"] == curve["1"]
     assert "ltuda-rampup_vs_labeled-only" in joined["2"] and len(joined["commands"]) == 2
     assert "| x2 | ltuda-rampup |" in (tmp_path / "results" / "accuracy.md").read_text()
+    # labelled-only's run was only scored again for the comparison: it keeps the command that trained it
+    assert joined["2"]["commands"]["labeled-only"] == curve["2"]["commands"]["labeled-only"] == curve["commands"][0]
     # a different setting is a different run: trained again
     changed = _run(tmp_path, "--seeds", "1", "--learning-curve", "2", "--set", "epochs_stage2=1")
     assert changed.returncode == 0, changed.stderr[-3000:]
@@ -84,6 +86,12 @@ def test_accuracy_benchmark_development_data_is_other_phantoms_and_seeds(tmp_pat
     reported = _run(tmp_path / "reported", "--seeds", "1", "--methods", "labeled-only")
     assert reported.returncode == 0, reported.stderr[-3000:]
     assert (tmp_path / "reported" / "work" / "phantoms-toy" / "images" / "liver_000.nii.gz").read_bytes() != dev
+    # a row only scored again by a later invocation keeps the command that trained it; a new row gets its own
+    again = _run(tmp_path, "--dev", "--seeds", "1", "--methods", "labeled-only,naive")
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = json.loads((tmp_path / "results" / "accuracy.json").read_text())["protocols"]["toy"]["methods"]
+    assert rows["labeled-only"]["command"].endswith("--methods labeled-only")
+    assert "--methods labeled-only,naive" in rows["naive"]["command"]
 
 
 def test_accuracy_benchmark_rejects_unknown_methods_and_settings(tmp_path):
@@ -224,6 +232,23 @@ def test_a_learning_curve_pairs_only_runs_made_on_the_same_package_versions():
     test = point["ltuda_vs_labeled-only"]
     assert (test["seeds"], test["mean_gain"]) == (1, pytest.approx(0.01))  # seed 45 alone
     assert point["packages"]["labeled-only"] == {"43": "torch 1", "44": "torch 1", "45": "torch 2"}
+
+
+def test_a_run_scored_again_keeps_the_command_and_packages_it_was_trained_with():
+    accuracy = _accuracy_module()
+
+    def runs(trained_here, **dice):
+        return {int(seed[1:]): {"mean_dice": d, "iterations": 7040, "trained_here": trained_here}
+                for seed, d in dice.items()}
+    point = accuracy.add_to_curve({}, {"labeled-only": runs(True, s43=0.70)}, "first", "torch 1")
+    # a later invocation for another recipe scores labelled-only's finished run again, then trains a new seed
+    accuracy.add_to_curve(point, {"labeled-only": runs(False, s43=0.70), "cda": runs(True, s43=0.71)}, "cda run",
+                          "torch 2")
+    assert point["commands"] == {"labeled-only": "first", "cda": "cda run"}
+    assert point["packages"]["labeled-only"] == {"43": "torch 1"}
+    accuracy.add_to_curve(point, {"labeled-only": runs(True, s44=0.72)}, "more seeds", "torch 2")
+    assert point["commands"]["labeled-only"] == "more seeds"
+    assert point["packages"]["labeled-only"] == {"43": "torch 1", "44": "torch 2"}
 
 
 def test_a_setting_added_later_at_its_default_keeps_finished_runs(tmp_path):

@@ -208,7 +208,8 @@ def run_one(manifest_path, method, seed, preset, settings, work: Path, cache: Pa
     model_dir = work / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     meta = finished_training(model_dir, config, manifest_path)
-    if meta is None:
+    trained_here = meta is None
+    if trained_here:
         resume = interrupted_training(model_dir, config, manifest_path)
         outcome = Trainer(manifest, model_dir, config, SilentReporter(), cache_dir=cache, resume=resume).run()
         if outcome["status"] != "completed":
@@ -216,6 +217,7 @@ def run_one(manifest_path, method, seed, preset, settings, work: Path, cache: Pa
         meta = json.loads((model_dir / "model.json").read_text())
     result = score(model_dir, manifest, work, holdout)
     result["train_seconds"] = meta["training"]["seconds"]
+    result["trained_here"] = trained_here  # False: an earlier invocation's run, only scored again
     result["iterations"] = sum(meta["training"]["epochs"].values()) * meta["training"]["iterations_per_epoch"]
     if meta.get("pseudo_label_quality"):
         result["pseudo_label_quality"] = meta["pseudo_label_quality"]
@@ -343,9 +345,12 @@ def add_to_curve(point: dict, finished: dict, command: str, packages: str = None
             by_seed = list(organs[key].values())
             point.setdefault("per_organ_dice", {})[key] = {o: float(np.mean([d[o] for d in by_seed]))
                                                            for o in by_seed[0]}
-        versions[key] = {**versions.get(key, {}), **{str(s): packages for s in results}}
+        # a run scored again keeps the command and package versions it was trained with
+        trained = {s: r for s, r in results.items() if r.get("trained_here", True) or str(s) not in versions.get(key, {})}
+        versions[key] = {**versions.get(key, {}), **{str(s): packages for s in trained}}
         point.setdefault("iterations", {})[key] = next(iter(results.values()))["iterations"]
-        point.setdefault("commands", {})[key] = command
+        if trained or key not in point.get("commands", {}):
+            point.setdefault("commands", {})[key] = command
 
     def compare(key, other):
         dice, baseline = per_seed[key], per_seed.get(other, {})
@@ -542,21 +547,25 @@ def main(argv=None):
             # each point keeps the command that gave it: a later --learning-curve 8 adds to 1,2,4
             curve["commands"] = sorted(set(curve.get("commands", [])) | {command.strip()})
         else:
+            previous = results["protocols"].get(args.protocol, {})
+            # rows on another version of the phantoms are another experiment (entries before versions: 1)
+            same_experiment = (previous.get("preset") == args.preset and previous.get("settings") == overrides
+                               and previous.get("phantoms_version", 1) == phantoms["version"])
+            earlier = previous.get("methods", {}) if same_experiment else {}
             methods = {}
             for key in requested:
                 if not done(None, key):
                     continue
                 methods[key] = summary = summarise_seeds(done(None, key))
                 summary["seeds_done"] = [s for s in seeds if s in runs[(None, key)]]
-                summary["command"] = command.strip()
-                summary["packages"] = packages
+                summary["command"], summary["packages"] = command.strip(), packages
+                if key in earlier and not any(r.get("trained_here", True) for r in done(None, key)):
+                    # only scored again: the row keeps the command and package versions that trained it
+                    summary["command"] = earlier[key].get("command", summary["command"])
+                    summary["packages"] = earlier[key].get("packages")
                 quality = [r.get("pseudo_label_quality") for r in done(None, key)]
                 if any(quality):  # the teacher diagnostics, per seed, for the plots
                     summary["pseudo_label_quality"] = quality
-            previous = results["protocols"].get(args.protocol, {})
-            # rows on another version of the phantoms are another experiment (entries before versions: 1)
-            same_experiment = (previous.get("preset") == args.preset and previous.get("settings") == overrides
-                               and previous.get("phantoms_version", 1) == phantoms["version"])
             if same_experiment:  # methods run by another invocation with the same settings stay
                 methods = {**{k: v for k, v in previous.get("methods", {}).items() if k not in methods}, **methods}
             entry = {"preset": args.preset, "phantoms_version": phantoms["version"], "seeds": seeds,
