@@ -251,6 +251,20 @@ def test_a_run_scored_again_keeps_the_command_and_packages_it_was_trained_with()
     assert point["packages"]["labeled-only"] == {"43": "torch 1", "44": "torch 2"}
 
 
+def test_the_teacher_table_says_when_the_organ_gate_let_each_organ_in():
+    accuracy = _accuracy_module()
+
+    def entry(stage, epoch, dice_on):
+        quality = {o: {"precision": 0.5, "recall": 0.5, "dice": 0.5} for o in ("liver", "pancreas")}
+        return {"stage": stage, "epoch": epoch, "per_organ": quality, "pseudo_labels_on": ["liver", "pancreas"],
+                "pseudo_dice_on": dice_on}
+    seed43 = [entry(1, 9, []), entry(1, 10, ["liver"]), entry(2, 1, ["liver"])]
+    seed44 = [entry(1, 9, ["liver"]), entry(1, 10, ["liver"]), entry(2, 1, ["liver", "pancreas"])]
+    lines = accuracy._quality_lines({"ltuda-pseudo-dice-gate": {"pseudo_label_quality": [seed43, seed44]}})
+    assert "| Dice term on pseudo-targets from (stage.epoch, per seed) | 1.10 1.9 | never 2.1 |" in lines
+    assert not any(line.startswith("| pseudo-labels used from") for line in lines)  # that gate never closed
+
+
 def test_a_setting_added_later_at_its_default_keeps_finished_runs(tmp_path):
     accuracy = _accuracy_module()
     from ltuda.train.config import make_config

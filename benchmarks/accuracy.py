@@ -625,7 +625,21 @@ def _quality_lines(methods: dict) -> list:
         for group in groups:
             picked = [run[-1]["by_group"][group] for run in runs if group in run[-1].get("by_group", {})]
             lines.append(f"| end of training, {group} cases | " + " | ".join(_quality_cells(picked, organs)) + " |")
+        lines += _gate_rows(runs, organs)
     return lines
+
+
+def _gate_rows(runs: list, organs: list) -> list:
+    """With an organ gate that kept some organ out at some moment: when each organ got in, per seed."""
+    rows = []
+    for field, label in (("pseudo_labels_on", "pseudo-labels used"), ("pseudo_dice_on", "Dice term on pseudo-targets")):
+        entries = [d for run in runs for d in run if field in d]
+        if not any(set(organs) - set(d[field]) for d in entries):
+            continue
+        cells = [" ".join(next((f"{d['stage']}.{d['epoch']}" for d in run if organ in d.get(field, [])), "never")
+                          for run in runs) for organ in organs]
+        rows.append(f"| {label} from (stage.epoch, per seed) | " + " | ".join(cells) + " |")
+    return rows
 
 
 def _quality_cells(per_organ_runs: list, organs: list) -> list:
