@@ -174,6 +174,23 @@ def test_a_two_process_training_completes_and_only_rank_0_speaks(tiny_dataset, t
     assert {e["model"] for e in events if e["event"] == "validation"} == {"student", "teacher"}
 
 
+def test_a_held_out_gate_under_torchrun_completes_on_rank_0s_verdict(tiny_dataset, tmp_path):
+    # Only rank 0 validates and every rank takes part in the broadcast of its verdict: a rank that
+    # skipped it would pair its next collective with the broadcast, and the run would hang or fail.
+    out = tmp_path / "ddp-held-out"
+    result = subprocess.run(torchrun("-m", "ltuda", "train", "--dataset", tiny_dataset, "--out", out,
+                                     *TINY_TRAIN_ARGS, "--epochs-stage1", "2", "--pseudo-dice", "--pseudo-dice-gate",
+                                     "0.5", "--gate-cases", "held-out", "--progress", "jsonl"),
+                            capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = _events(result.stdout)
+    assert events[-1]["status"] == "completed"
+    validations = [e for e in events if e["event"] == "validation" and e["model"] == "teacher"
+                   and e["head"] == "linear"]
+    last_epoch = [e for e in events if e["event"] == "epoch"][-1]
+    assert last_epoch["teacher_dice"] == pytest.approx(validations[-2]["per_organ"], abs=1e-4)
+
+
 def test_sigterm_to_the_group_saves_once_and_a_single_process_resumes(tiny_dataset, tmp_path):
     out = tmp_path / "ddp-stop"
     args = torchrun("-m", "ltuda", "train", "--dataset", tiny_dataset, "--out", out, "--preset", "fast",

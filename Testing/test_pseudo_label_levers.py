@@ -160,6 +160,68 @@ def test_a_training_with_the_dice_gate_reports_which_organs_get_the_dice_term(ti
         assert diagnosed[e["stage"], e["epoch"]]["pseudo_dice_on"] == e["pseudo_dice_on"]
 
 
+def test_the_held_out_gate_follows_the_validation_verdict_not_the_training_batches():
+    gate = OrganGate(C, threshold=0.5, dice_threshold=0.7, held_out=True)
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    labels[0, :2, :2] = 1
+    labeled = torch.tensor([[True, False, False, False]])
+    gate.update(labels.clone(), labels, labeled)  # a perfect teacher on a training batch ...
+    assert gate.dice().tolist() == [0, 0, 0, 0] and not gate.open().any()  # ... is not what it is judged on
+    gate.set_held_out(torch.tensor([0.9, 0.6, 0.2, 0.0]))
+    assert gate.open().tolist() == [True, True, False, False]
+    assert gate.dice_open().tolist() == [True, False, False, False]
+    restored = OrganGate(C, threshold=0.5, dice_threshold=0.7, held_out=True)
+    restored.load_state_dict(gate.state_dict())  # a resumed run keeps the last verdict
+    assert restored.dice_open().tolist() == [True, False, False, False]
+    older = {"overlap": torch.ones(C), "total": torch.ones(C)}  # a checkpoint from before the held-out gate
+    restored.load_state_dict(older)
+    assert not restored.open().any()
+
+
+def test_a_held_out_gate_takes_the_teachers_dice_at_each_validation(tiny_dataset, tmp_path):
+    from conftest import TINY_TRAIN_ARGS, run_ltuda
+
+    out = tmp_path / "model"
+    result = run_ltuda("train", "--dataset", tiny_dataset, "--out", out, *TINY_TRAIN_ARGS, "--epochs-stage1", "2",
+                       "--pseudo-dice", "--pseudo-dice-gate", "0.5", "--gate-cases", "held-out",
+                       "--progress", "jsonl", "--cache-dir", tmp_path / "cache")
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    verdict, checked = None, 0
+    for e in events:
+        if e["event"] == "validation" and e["model"] == "teacher" and e["head"] == "linear":
+            verdict = {name: round(d, 4) for name, d in e["per_organ"].items()}
+        elif e["event"] == "epoch" and "teacher_dice" in e:
+            # the gate used during an epoch is the teacher's Dice on the held-out cases at the last validation
+            expected = verdict or {name: 0.0 for name in e["teacher_dice"]}
+            assert e["teacher_dice"] == pytest.approx(expected, abs=1e-4)
+            assert sorted(e["pseudo_dice_on"]) == sorted(n for n, d in expected.items() if d >= 0.5)
+            checked += 1
+    assert checked >= 2 and verdict is not None
+    assert json.loads((out / "model.json").read_text())["training"]["completed"] is True
+
+
+def test_a_held_out_gate_without_a_gate_is_refused(tiny_dataset, tmp_path, capsys):
+    from ltuda.cli import main
+
+    code = main(["train", "--dataset", str(tiny_dataset), "--out", str(tmp_path / "model"), "--gate-cases", "held-out",
+                 "--dry-run"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--gate-cases held-out" in err and "--pseudo-dice-gate" in err and "Traceback" not in err
+
+
+def test_a_held_out_gate_without_held_out_cases_for_every_organ_is_refused(tiny_dataset, tmp_path):
+    from conftest import TINY_TRAIN_ARGS, run_ltuda
+
+    out = tmp_path / "model"
+    result = run_ltuda("train", "--dataset", tiny_dataset, "--out", out, *TINY_TRAIN_ARGS, "--val-fraction", "0",
+                       "--pseudo-gate", "0.5", "--gate-cases", "held-out", "--cache-dir", tmp_path / "cache",
+                       check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "no validation case labels liver, spleen, kidney, pancreas" in result.stderr
+    assert "--val-fraction" in result.stderr
+    assert not (out / "model.pt").exists()
+
+
 def test_the_oracle_trains_on_the_true_labels(monkeypatch):
     import ltuda.train.steps as steps
     targets = []

@@ -77,6 +77,10 @@ METHODS = {
     # the shipped recipe with the Dice term on pseudo-targets, each organ's only once the teacher's running Dice
     # on it reaches 0.7 (the ltuda-gate threshold); unlike ltuda-gate, pBCE keeps every organ's pseudo-labels
     "ltuda-pseudo-dice-gate": ("ltuda", "partial", {"pseudo_dice": True, "pseudo_dice_gate": 0.7}),
+    # ... with the gate judging the teacher on the held-out validation cases: on the training cases the spleen
+    # passed 0.7 while its pseudo-labels on the cases that get them scored 0.61-0.65
+    "ltuda-held-out-dice-gate": ("ltuda", "partial", {"pseudo_dice": True, "pseudo_dice_gate": 0.7,
+                                                      "gate_cases": "held-out"}),
 }
 DEFAULT_METHODS = ("fully-supervised", "labeled-only", "naive", "marginal-exclusion", "cda", "ltuda", "oracle")
 PROTOCOLS = ("toy", "multi-site")

@@ -478,7 +478,7 @@ def cli_case(rng, env, folder: Path) -> Case:
         "train": (["--dataset", str(seeds / "dataset.json"), "--out", str(folder / "m"), "--dry-run", "--preset", "fast"],
                   ["--epochs-stage1", "--epochs-stage2", "--iterations-per-epoch", "--batch-size", "--image-size",
                    "--lr", "--momentum", "--ema-decay", "--prototypes", "--strong-views", "--val-fraction", "--seed",
-                   "--pseudo-gate", "--pseudo-dice-gate", "--dice-weight", "--cache-dir", "--method", "--network",
+                   "--pseudo-gate", "--pseudo-dice-gate", "--gate-cases", "--dice-weight", "--cache-dir", "--method", "--network",
                    "--device"]),
         "dataset": (["check", str(seeds / "dataset.json")], []),
     }

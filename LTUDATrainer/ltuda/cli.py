@@ -102,6 +102,10 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="sgd: the paper's (Nesterov, momentum 0.99); adamw converges faster on short CPU runs")
     train.add_argument("--pseudo-dice", action=argparse.BooleanOptionalAction, default=None,
                        help="also apply the Dice term to pseudo-label targets (of organs the gate lets through)")
+    train.add_argument("--gate-cases", choices=("training", "held-out"), default=None,
+                       help="where --pseudo-gate and --pseudo-dice-gate judge the teacher: its running Dice on the "
+                            "training batches that label the organ, or its Dice on the held-out validation cases "
+                            "at each validation")
     train.add_argument("--pbce-scaling", choices=("valid", "reference"), default=None,
                        help="valid: mean over labelled pixels and samples; reference: the reference code's "
                             "sum / (H*W), summed over samples")
@@ -338,7 +342,7 @@ def _train_follower(args, manifest, out, group, silent) -> int:
 TRAIN_SETTINGS = (
     "epochs_stage1", "epochs_stage2", "iterations_per_epoch", "batch_size", "image_size", "lr", "momentum",
     "ema_decay", "pseudo_rampup_epochs", "warmup_epochs", "pseudo_uncertain_below", "pseudo_confident_above",
-    "pseudo_gate", "pseudo_dice", "pseudo_dice_gate", "pbce_scaling",
+    "pseudo_gate", "pseudo_dice", "pseudo_dice_gate", "gate_cases", "pbce_scaling",
     "dice_weight", "optimizer", "prototypes", "prototype_momentum", "strong_views", "val_fraction", "seed", "network",
     "stage2_start", "teacher_prototypes", "lr_schedule")
 
@@ -372,6 +376,9 @@ def _check_config(config):
     if config.pseudo_dice_gate and not config.pseudo_dice:
         raise LtudaError("--pseudo-dice-gate gates the Dice term on pseudo-targets, which is off",
                          fix="Add --pseudo-dice (and a --dice-weight above 0), or leave out --pseudo-dice-gate.")
+    if config.gate_cases == "held-out" and not (config.pseudo_gate or config.pseudo_dice_gate):
+        raise LtudaError("--gate-cases held-out says where an organ gate judges the teacher, but no gate is on",
+                         fix="Add --pseudo-gate or --pseudo-dice-gate (e.g. 0.7), or leave out --gate-cases.")
     if config.warmup_epochs < 0 or (config.warmup_epochs >= config.epochs_stage1 and 1 in config.stages):
         raise LtudaError(f"--warmup-epochs {config.warmup_epochs} is not in [0, --epochs-stage1 "
                          f"{config.epochs_stage1})", fix="Use e.g. half of stage 1's epochs, or 0 for none.")

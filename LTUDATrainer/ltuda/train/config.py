@@ -55,6 +55,10 @@ class TrainConfig:
     # running Dice on the cases that label it reaches this; its pBCE term (the teacher's negatives too)
     # stays on throughout (0 = every organ whose pseudo-labels are used).
     pseudo_dice_gate: float = 0.0
+    # Where the organ gates (pseudo_gate, pseudo_dice_gate) judge the teacher: "training", its running
+    # Dice on the training batches that label the organ, or "held-out", its Dice on the validation cases
+    # at each validation (cases neither it nor the student trains on).
+    gate_cases: str = "training"
     # pBCE normalisation: "valid" (mean over non-ignored pixels and labelling samples) or "reference"
     # (the reference code: sum / all H*W pixels, summed over samples).
     pbce_scaling: str = "valid"

@@ -11,7 +11,8 @@ What stays identical on every rank, and how:
   stage 1 leaves the prototype and projection heads unused);
 - prototype banks: each bank update all-reduces the assignment-weighted embedding sums and their
   masses before the momentum step (`Group.sum_`, passed to the step as `ctx.reduce`), so every rank
-  applies the update the whole global batch asks for; the organ gate's Dice counts alike;
+  applies the update the whole global batch asks for; the organ gate's Dice counts alike, or with the
+  held-out gate (`--gate-cases held-out`), rank 0's verdict at each validation, broadcast;
 - BatchNorm running statistics: averaged after every step (DDP's default, rank 0's buffers broadcast
   each forward, would also overwrite the banks and hide a missing all-reduce);
 - the EMA teacher follows from the above: same student, same buffers, same formula;
@@ -72,6 +73,12 @@ class Group:
         box = [obj if self.leader else None]
         dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
         return box[0]
+
+    def broadcast_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `tensor` on every rank (a copy on the input's device; e.g. the held-out organ gate)."""
+        wire = self._on_wire(tensor.clone())
+        dist.broadcast(wire, src=0)
+        return wire.to(tensor.device)
 
     def broadcast_module(self, module: torch.nn.Module):
         """Rank 0's parameters and buffers into every rank's copy, in place."""

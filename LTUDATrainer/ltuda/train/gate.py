@@ -11,16 +11,24 @@ running Dice reaches the threshold, its pseudo-label channel is ignored on cases
 A second threshold does the same for the Dice term on pseudo-targets alone: its gradient scales with
 1/organ size, so a teacher's misses cost far more there than under pBCE, while the teacher's
 negatives (which pBCE keeps) are what stops an organ from spreading.
+
+The training batches flatter the teacher: they are the cases the student (and so the EMA teacher)
+learns from. With `held_out`, the teacher is judged instead on the held-out validation cases, at each
+validation (`set_held_out`), where its Dice is what it will score on the cases that get its
+pseudo-labels; between validations the gate keeps the last verdict.
 """
 
 import torch
 
 
 class OrganGate:
-    def __init__(self, num_classes: int, threshold: float, momentum: float = 0.98, dice_threshold: float = 0.0):
+    def __init__(self, num_classes: int, threshold: float, momentum: float = 0.98, dice_threshold: float = 0.0,
+                 held_out: bool = False):
         self.threshold, self.momentum, self.dice_threshold = float(threshold), float(momentum), float(dice_threshold)
+        self.held_out = bool(held_out)
         self.overlap = torch.zeros(num_classes)
         self.total = torch.zeros(num_classes)
+        self.held_out_dice = torch.zeros(num_classes)  # closed until the first validation says otherwise
         self.reduce = None  # distributed training: sums the batch counts over all ranks (distributed.py)
 
     @property
@@ -29,7 +37,10 @@ class OrganGate:
         return self.threshold > 0 or self.dice_threshold > 0
 
     def dice(self) -> torch.Tensor:
-        """Running teacher Dice per organ (0 before the organ was ever seen)."""
+        """Teacher Dice per organ: on the held-out cases at the last validation (`held_out`), else the
+        running Dice on the training batches (0 before the organ was ever seen)."""
+        if self.held_out:
+            return self.held_out_dice.clone()
         return torch.where(self.total > 0, 2 * self.overlap / self.total.clamp(min=1e-6), torch.zeros_like(self.total))
 
     def open(self) -> torch.Tensor:
@@ -44,6 +55,8 @@ class OrganGate:
     def update(self, predicted: torch.Tensor, labels: torch.Tensor, labeled: torch.Tensor):
         """predicted, labels: class values [B, H, W]; labeled: [B, C] bool. Pools the batch's overlap and
         sizes per organ over the samples that label it, then folds them into the running sums."""
+        if self.held_out:
+            return  # judged at validation instead
         organs = torch.arange(1, labeled.shape[1] + 1, device=labels.device)[None, :, None, None]
         pred = (predicted[:, None] == organs) & labeled[:, :, None, None]
         truth = (labels[:, None] == organs) & labeled[:, :, None, None]
@@ -58,8 +71,15 @@ class OrganGate:
         self.overlap = torch.where(seen, m * self.overlap + (1 - m) * overlap, self.overlap)
         self.total = torch.where(seen, m * self.total + (1 - m) * total, self.total)
 
+    def set_held_out(self, dice: torch.Tensor):
+        """The teacher's Dice per organ [C] on the held-out cases (0 for an organ none of them labels)."""
+        self.held_out_dice = torch.as_tensor(dice, dtype=torch.float32).detach().cpu().clone()
+
     def state_dict(self) -> dict:
-        return {"overlap": self.overlap.clone(), "total": self.total.clone()}
+        return {"overlap": self.overlap.clone(), "total": self.total.clone(),
+                "held_out_dice": self.held_out_dice.clone()}
 
     def load_state_dict(self, state: dict):
         self.overlap, self.total = state["overlap"].clone(), state["total"].clone()
+        # checkpoints from before the held-out gate: closed until the next validation
+        self.held_out_dice = state.get("held_out_dice", torch.zeros_like(self.total)).clone()

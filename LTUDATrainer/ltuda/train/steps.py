@@ -24,7 +24,8 @@ class StepContext:
         self.autocast = autocast
         self.weak = WeakAugment(scale_range=config.scale_range, rotation_deg=config.rotation_deg)
         self.pseudo_weight = 1.0  # set by the trainer during the stage-1 ramp-up
-        self.gate = OrganGate(num_classes, config.pseudo_gate, dice_threshold=config.pseudo_dice_gate)
+        self.gate = OrganGate(num_classes, config.pseudo_gate, dice_threshold=config.pseudo_dice_gate,
+                              held_out=config.gate_cases == "held-out")
         self.reduce = None  # distributed training: sums bank statistics over all ranks (distributed.py)
 
     def seg_loss(self, logits, target, pseudo: bool = False, dice_target=None):

@@ -143,6 +143,7 @@ class Trainer:
         if problems:
             raise ManifestProblems(problems)
         self.train_cases, self.val_cases = train, val
+        self._check_held_out_gate(val)
         # Teacher diagnostics on the organs each case does not label, where the truth is known.
         self.diagnostic_pairs = [(prepared[c.id], full[c.id]) for c in train] if with_full else []
         groups = [case_group(c) for c in train]  # by site and phase, where the manifest says so
@@ -153,6 +154,19 @@ class Trainer:
         self.val_prepared = [prepared[c.id] for c in val]
         if self.config.iterations_per_epoch <= 0:
             self.config.iterations_per_epoch = max(1, math.ceil(len(self.pool) / self.config.batch_size))
+
+    def _check_held_out_gate(self, val):
+        """A held-out organ gate opens an organ only on the teacher's Dice on held-out cases that label it:
+        an organ no validation case labels would never open."""
+        if self.config.gate_cases != "held-out" or 1 not in self.config.stages and 2 not in self.config.stages:
+            return
+        labelled = {name for case in val for name in case.labeled}
+        missing = [c["name"] for c in self.classes if c["name"] not in labelled]
+        if missing:
+            raise LtudaError(f"--gate-cases held-out: no validation case labels {', '.join(missing)}, so its gate "
+                             "would never open", self.manifest.path,
+                             "Raise --val-fraction (each organ needs 3 or more labelled cases), mark \"val\" cases "
+                             "that label every organ in the manifest, or use --gate-cases training.")
 
     def _network(self) -> LTUDANet:
         net = LTUDANet(network_config(self.config, self.num_classes))
@@ -345,13 +359,15 @@ class Trainer:
                         **self._gate_status(ctx, stage),
                     )
                     last_epoch = epoch + 1 == cfg.epochs(stage)
-                    if not self.leader:
-                        continue  # the other ranks wait for rank 0 at the next step's all-reduce
-                    if (epoch + 1) % cfg.validate_every == 0 or last_epoch:
-                        self._diagnose(stage, epoch + 1)
-                        if self.val_prepared:
-                            self._validate(stage, epoch + 1)
-                    self._save_last(stage_index, epoch + 1, 0)
+                    validating = (epoch + 1) % cfg.validate_every == 0 or last_epoch
+                    if self.leader:  # the other ranks wait for rank 0 at the next collective
+                        if validating:
+                            self._diagnose(stage, epoch + 1)
+                            if self.val_prepared:
+                                self._validate(stage, epoch + 1)
+                        self._save_last(stage_index, epoch + 1, 0)
+                    if validating and ctx.gate.held_out and self.group is not None:
+                        ctx.gate.set_held_out(self.group.broadcast_tensor(ctx.gate.held_out_dice))
                 start_epoch, start_iter = 0, 0
         except StopRequested:
             if self.leader:
@@ -427,6 +443,9 @@ class Trainer:
                 results[(model_name, head)] = (mean, per_organ)
                 self.report.emit("validation", stage=stage, epoch=epoch, model=model_name, head=head,
                                  mean_dice=mean, per_organ=per_organ)
+        if self.ctx.gate.held_out:  # the organ gate's verdict until the next validation
+            per_organ = results[("teacher", "linear")][1]
+            self.ctx.gate.set_held_out(torch.tensor([per_organ.get(c["name"], 0.0) for c in self.classes]))
         student_mean = max(mean for (model, _), (mean, _) in results.items() if model == "student")
         if stage == 1 and student_mean > self.best_student_dice:
             self.best_student_dice = student_mean
