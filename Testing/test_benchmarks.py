@@ -94,6 +94,24 @@ def test_accuracy_benchmark_development_data_is_other_phantoms_and_seeds(tmp_pat
     assert "--methods labeled-only,naive" in rows["naive"]["command"]
 
 
+def test_accuracy_benchmark_with_scarce_labels_keeps_its_own_phantoms_runs_and_entry(tmp_path):
+    result = _run(tmp_path, "--seeds", "1", "--methods", "labeled-only,ltuda", "--cases-per-site", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "work" / "phantoms-toy-3cases" / "dataset.json").read_text())
+    training = [c for c in manifest["cases"] if c.get("split", "train") == "train"]
+    assert len(training) == 4 * 3 and all(c["id"].endswith(("_000", "_001", "_002")) for c in training)
+    assert {p.name for p in (tmp_path / "work").iterdir() if not p.name.startswith(("phantoms", "cache"))} == {"toy-3cases"}
+    results = json.loads((tmp_path / "results" / "accuracy.json").read_text())
+    assert set(results["protocols"]) == {"toy-3cases"}  # never in the place of the protocol's own entry
+    entry = results["protocols"]["toy-3cases"]
+    assert entry["cases_per_site"] == 3 and set(entry["methods"]) == {"labeled-only", "ltuda"}
+    assert "the first 3 cases of each site" in (tmp_path / "results" / "accuracy.md").read_text()
+    # too few cases for a validation case per organ, or mixed with a learning curve: refused
+    for bad in (["--cases-per-site", "2"], ["--cases-per-site", "3", "--learning-curve", "2"]):
+        refused = _run(tmp_path / "bad", "--seeds", "1", "--methods", "labeled-only", *bad)
+        assert refused.returncode == 2 and "--cases-per-site" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_accuracy_benchmark_rejects_unknown_methods_and_settings(tmp_path):
     for args, message in ((["--methods", "labeled-only,magic"], "unknown magic"),
                           (["--set", "seed=3"], "expected KEY=VALUE"), (["--set", "lr"], "expected KEY=VALUE"),

@@ -390,23 +390,32 @@ def paired_methods(a: dict, b: dict) -> dict:
     return paired_test([first[s] for s in common], [second[s] for s in common])
 
 
-def phantoms_folder(work: Path, protocol: str) -> Path:
+def scarce_suffix(cases_per_site) -> str:
+    """"-3cases" for a protocol run with fewer cases per site than its own (None: the protocol as it is)."""
+    return f"-{cases_per_site}cases" if cases_per_site else ""
+
+
+def phantoms_folder(work: Path, protocol: str, cases_per_site=None) -> Path:
     """The folder of the protocol's phantoms of the current generator version. A changed generator writes to a
     new folder: finished runs are matched by their dataset's path, so models trained on older phantoms are not
     reused (version 1 keeps the original folder name and its runs)."""
     from ltuda.data.phantoms import LAYOUT_VERSIONS
 
     version = LAYOUT_VERSIONS[protocol]
-    return work / (f"phantoms-{protocol}" + (f"-v{version}" if version > 1 else ""))
+    return work / (f"phantoms-{protocol}" + (f"-v{version}" if version > 1 else "") + scarce_suffix(cases_per_site))
 
 
-def make_phantoms(work: Path, protocol: str, smoke: bool, seed: int = PHANTOM_SEED) -> dict:
+def make_phantoms(work: Path, protocol: str, smoke: bool, seed: int = PHANTOM_SEED, cases_per_site=None) -> dict:
+    """The protocol's phantoms; `cases_per_site` keeps only the first N cases of each site (each case is drawn
+    from its own seed, site and index, so they and the test cases are the same images as in the full set)."""
     from ltuda.data.phantoms import LAYOUT_VERSIONS, generate_phantoms
 
     version = LAYOUT_VERSIONS[protocol]
-    folder = phantoms_folder(work, protocol)
+    folder = phantoms_folder(work, protocol, cases_per_site)
     size = dict(cases_per_site=2, test_cases=1, shape=(48, 48), holdout_per_site=1) if smoke else \
         dict(cases_per_site=10, test_cases=6, shape=(96, 96), holdout_per_site=4)
+    if cases_per_site:
+        size["cases_per_site"] = cases_per_site
     # multi-site: the hospital's own unlabelled scans beside the four labelled sites, as many as one site has
     unlabelled = size["cases_per_site"] if protocol == "multi-site" else 0
     partial = generate_phantoms(folder, seed=seed, layout=protocol, unlabelled_cases=unlabelled, **size)
@@ -466,6 +475,9 @@ def main(argv=None):
                         help="measure the protocol's site gap: labelled-only's Dice on held-out cases of the site "
                              "that labels each organ minus the other sites' (with the unlabelled site: minus the test "
                              "cases'); runs labelled-only, then the --methods given, scored on the held-out cases too")
+    parser.add_argument("--cases-per-site", type=int, default=None, metavar="N",
+                        help="scarce labels: only the first N cases of each site (N >= 3, so that each organ keeps a "
+                             "validation case); the same test cases; runs and phantoms in their own folders")
     parser.add_argument("--jobs", type=int, default=1, help="training processes at once (one thread each)")
     parser.add_argument("--smoke", action="store_true", help="smallest configuration: a few iterations")
     parser.add_argument("--dev", action="store_true",
@@ -488,6 +500,8 @@ def main(argv=None):
     if args.site_gap:  # the gap is labelled-only's: it alone, or first beside the methods asked for
         chosen = requested if args.methods != parser.get_default("methods") else []
         requested = ["labeled-only"] + [key for key in chosen if key != "labeled-only"]
+    if args.cases_per_site is not None and (args.cases_per_site < 3 or factors or args.site_gap):
+        parser.error("--cases-per-site: a whole number of at least 3, without --learning-curve or --site-gap")
     here = Path(__file__).resolve().parent
     out = Path(args.out) if args.out else here / "results" / ("dev" if args.dev else "")
     work = Path(args.work) if args.work else here / "work" / ("accuracy-dev" if args.dev else "accuracy")
@@ -497,10 +511,12 @@ def main(argv=None):
         overrides = {"epochs_stage1": 1, "epochs_stage2": 1, "iterations_per_epoch": 2, "image_size": 32,
                      "batch_size": 2, "pseudo_rampup_epochs": 0}
     overrides.update(dict(args.settings))
-    phantoms = make_phantoms(work, args.protocol, args.smoke, DEV_PHANTOM_SEED if args.dev else PHANTOM_SEED)
+    phantoms = make_phantoms(work, args.protocol, args.smoke, DEV_PHANTOM_SEED if args.dev else PHANTOM_SEED,
+                             args.cases_per_site)
     seeds = [(DEV_FIRST_SEED if args.dev else FIRST_SEED) + i for i in range(args.seeds)]
     command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results_path = out / "accuracy.json"
+    protocol_key = args.protocol + scarce_suffix(args.cases_per_site)  # scarce labels: an entry of its own
     packages = package_versions()
 
     points = factors or [None]
@@ -514,7 +530,7 @@ def main(argv=None):
                 method, variant, settings = method_settings(key, args.preset, overrides, factor or 1)
                 # 1x is the main benchmark's run with the same settings: one folder, so it is trained once
                 point = f"x{factor:g}" if factor and factor != 1 else "main"
-                folder = work / args.protocol / point / key / f"seed{seed}"
+                folder = work / (args.protocol + scarce_suffix(args.cases_per_site)) / point / key / f"seed{seed}"
                 holdout = phantoms["holdout"] if args.site_gap else None
                 tasks.append(((factor, key, seed), (phantoms[variant], method, seed, args.preset, settings, folder,
                                                     work / "cache", holdout)))
@@ -522,7 +538,7 @@ def main(argv=None):
     def record(task_key, result):
         factor, key, seed = task_key
         runs[(factor, key)][seed] = result
-        print(f"{args.protocol} {'x%g ' % factor if factor else ''}{key:<22} seed {seed}: {result['mean_dice']:.3f} "
+        print(f"{protocol_key} {'x%g ' % factor if factor else ''}{key:<22} seed {seed}: {result['mean_dice']:.3f} "
               f"({result['train_seconds']} s)", flush=True)
         save(complete=False)
 
@@ -551,10 +567,11 @@ def main(argv=None):
             # each point keeps the command that gave it: a later --learning-curve 8 adds to 1,2,4
             curve["commands"] = sorted(set(curve.get("commands", [])) | {command.strip()})
         else:
-            previous = results["protocols"].get(args.protocol, {})
+            previous = results["protocols"].get(protocol_key, {})
             # rows on another version of the phantoms are another experiment (entries before versions: 1)
             same_experiment = (previous.get("preset") == args.preset and previous.get("settings") == overrides
-                               and previous.get("phantoms_version", 1) == phantoms["version"])
+                               and previous.get("phantoms_version", 1) == phantoms["version"]
+                               and previous.get("cases_per_site") == args.cases_per_site)
             earlier = previous.get("methods", {}) if same_experiment else {}
             methods = {}
             for key in requested:
@@ -573,6 +590,7 @@ def main(argv=None):
             if same_experiment:  # methods run by another invocation with the same settings stay
                 methods = {**{k: v for k, v in previous.get("methods", {}).items() if k not in methods}, **methods}
             entry = {"preset": args.preset, "phantoms_version": phantoms["version"], "seeds": seeds,
+                     **({"cases_per_site": args.cases_per_site} if args.cases_per_site else {}),
                      "settings": overrides, "equal_iterations": True,
                      "methods": methods, "complete": complete and all(m["seeds"] == len(seeds) for m in methods.values()),
                      "commands": sorted({m["command"] for m in methods.values()}),
@@ -588,7 +606,7 @@ def main(argv=None):
                 entry["site_gap"] = previous["site_gap"]
             if entry.get("site_gap"):
                 entry["site_gap_labeled_only"] = entry["site_gap"]["gap"]
-            results["protocols"][args.protocol] = entry
+            results["protocols"][protocol_key] = entry
         tmp = results_path.with_name("accuracy.json.tmp")
         tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
         os.replace(tmp, results_path)
@@ -663,7 +681,9 @@ def render_markdown(results) -> str:
         organs = list(next(iter(methods.values()))["per_organ_dice"])
         lines += [f"## Protocol: {protocol}" + ("" if entry.get("complete") else " (INCOMPLETE: running or stopped)"),
                   "", "Commands: " + ", ".join(f"`{c}`" for c in entry["commands"]) + "  ",
-                  f"Preset: {entry['preset']}; phantoms version {entry.get('phantoms_version', 1)}; seeds "
+                  f"Preset: {entry['preset']}; phantoms version {entry.get('phantoms_version', 1)}; "
+                  + (f"scarce labels: the first {entry['cases_per_site']} cases of each site; "
+                     if entry.get("cases_per_site") else "") + "seeds "
                   f"{entry['seeds']}; settings for every method: "
                   f"{entry.get('settings') or 'none'}; machine {entry['machine']}", ""]
         if entry.get("site_gap"):
