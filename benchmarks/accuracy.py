@@ -84,6 +84,9 @@ METHODS = {
     # the shipped recipe with each organ's pseudo-labels (pBCE) only once the teacher's Dice on the held-out cases
     # reaches 0.7 (ltuda-gate's threshold): a closed organ is trained on its labels alone, as by labelled-only
     "ltuda-held-out-gate": ("ltuda", "partial", {"pseudo_gate": 0.7, "gate_cases": "held-out"}),
+    # diagnostic, not a recipe: LTUDA's training with every organ's pseudo-labels shut out (a held-out gate no
+    # teacher reaches), i.e. its strong views, loss and stages on the labels alone
+    "ltuda-pseudo-labels-off": ("ltuda", "partial", {"pseudo_gate": 0.999, "gate_cases": "held-out"}),
 }
 DEFAULT_METHODS = ("fully-supervised", "labeled-only", "naive", "marginal-exclusion", "cda", "ltuda", "oracle")
 PROTOCOLS = ("toy", "multi-site")
