@@ -536,7 +536,7 @@ def main(argv=None):
                 method, variant, settings = method_settings(key, args.preset, overrides, factor or 1)
                 # 1x is the main benchmark's run with the same settings: one folder, so it is trained once
                 point = f"x{factor:g}" if factor and factor != 1 else "main"
-                folder = work / (args.protocol + scarce_suffix(args.cases_per_site)) / point / key / f"seed{seed}"
+                folder = work / protocol_key / point / key / f"seed{seed}"
                 holdout = phantoms["holdout"] if args.site_gap else None
                 tasks.append(((factor, key, seed), (phantoms[variant], method, seed, args.preset, settings, folder,
                                                     work / "cache", holdout)))

@@ -158,8 +158,8 @@ class Trainer:
     def _check_held_out_gate(self, val):
         """A held-out organ gate opens an organ only on the teacher's Dice on held-out cases that label it:
         an organ no validation case labels would never open."""
-        if self.config.gate_cases != "held-out" or 1 not in self.config.stages and 2 not in self.config.stages:
-            return
+        if self.config.gate_cases != "held-out" or not {1, 2} & set(self.config.stages):
+            return  # no gate, or a method without pseudo-labels
         labelled = {name for case in val for name in case.labeled}
         missing = [c["name"] for c in self.classes if c["name"] not in labelled]
         if missing:
