@@ -87,6 +87,9 @@ METHODS = {
     # diagnostic, not a recipe: LTUDA's training with every organ's pseudo-labels shut out (a held-out gate no
     # teacher reaches), i.e. its strong views, loss and stages on the labels alone
     "ltuda-pseudo-labels-off": ("ltuda", "partial", {"pseudo_gate": 0.999, "gate_cases": "held-out"}),
+    # diagnostic: the same with stage 1 alone for all the iterations, i.e. labelled training on the strong
+    # (CutMix) views with an EMA teacher and no stage 2: splits what ltuda-pseudo-labels-off gains into parts
+    "cda-pseudo-labels-off": ("cda", "partial", {"pseudo_gate": 0.999, "gate_cases": "held-out"}),
 }
 DEFAULT_METHODS = ("fully-supervised", "labeled-only", "naive", "marginal-exclusion", "cda", "ltuda", "oracle")
 PROTOCOLS = ("toy", "multi-site")
