@@ -391,6 +391,21 @@ def paired_test(a: list, b: list) -> dict:
     return {"seeds": n, "mean_gain": gain, "t": float(t), "p_one_sided": float(p)}
 
 
+# The comparisons a protocol reports: LTUDA against labelled-only and CDA (the claims), and each diagnostic
+# row against the row it takes one part away from: whether the pseudo-labels pay (LTUDA against its own
+# training without them) and whether stage 2 does (that training against stage 1 alone).
+PROTOCOL_PAIRS = (("ltuda", "labeled-only"), ("ltuda", "cda"), ("ltuda", "ltuda-pseudo-labels-off"),
+                  ("ltuda-pseudo-labels-off", "labeled-only"), ("cda-pseudo-labels-off", "labeled-only"),
+                  ("ltuda-pseudo-labels-off", "cda-pseudo-labels-off"))
+
+
+def protocol_paired_tests(methods: dict) -> dict:
+    """paired_methods of each PROTOCOL_PAIRS pair that a protocol's methods hold, measured on the same
+    package versions (runs of another install are another draw of each seed)."""
+    return {f"{a}_vs_{b}": paired_methods(methods[a], methods[b]) for a, b in PROTOCOL_PAIRS
+            if a in methods and b in methods and methods[a].get("packages") == methods[b].get("packages")}
+
+
 def paired_methods(a: dict, b: dict) -> dict:
     """paired_test of method summary a against b over the seeds both finished."""
     first = dict(zip(a["seeds_done"], a["per_seed"]))
@@ -605,10 +620,8 @@ def main(argv=None):
                      "commands": sorted({m["command"] for m in methods.values()}),
                      "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                  "jobs": args.jobs, "packages": packages}}
-            if "ltuda" in methods:  # pairs only runs made on the same package versions
-                entry["paired_tests"] = {f"ltuda_vs_{k}": paired_methods(methods["ltuda"], methods[k])
-                                         for k in ("labeled-only", "cda")
-                                         if k in methods and methods[k].get("packages") == methods["ltuda"].get("packages")}
+            if protocol_paired_tests(methods):
+                entry["paired_tests"] = protocol_paired_tests(methods)
             if args.site_gap and done(None, "labeled-only"):  # none when every run failed or was stopped
                 entry["site_gap"] = site_gap(done(None, "labeled-only"), phantoms["unlabelled_site"])
             elif previous.get("site_gap") and same_experiment:
