@@ -224,6 +224,22 @@ def test_a_learning_curve_point_compares_ltuda_with_cda_alone_where_it_has_both(
     assert "x8, ltuda against cda: CDA 0.730, mean gain 0.025 over 2 paired seeds" in markdown
 
 
+def test_a_protocol_tests_the_pseudo_labels_and_stage_2_against_the_rows_that_leave_them_out():
+    accuracy = _accuracy_module()
+
+    def row(packages, **dice):
+        return {"seeds_done": [int(s[1:]) for s in dice], "per_seed": list(dice.values()), "packages": packages}
+    methods = {"labeled-only": row("torch 1", s43=0.60, s44=0.58, s45=0.62),
+               "ltuda": row("torch 1", s43=0.63, s44=0.62, s45=0.64),
+               "ltuda-pseudo-labels-off": row("torch 1", s43=0.64, s44=0.61, s45=0.65),
+               "cda-pseudo-labels-off": row("torch 2", s43=0.62, s44=0.60)}  # another install: pairs with none
+    tests = accuracy.protocol_paired_tests(methods)
+    assert set(tests) == {"ltuda_vs_labeled-only", "ltuda_vs_ltuda-pseudo-labels-off",
+                          "ltuda-pseudo-labels-off_vs_labeled-only"}
+    assert tests["ltuda_vs_ltuda-pseudo-labels-off"]["mean_gain"] == pytest.approx(-0.01 / 3)
+    assert tests["ltuda_vs_labeled-only"]["seeds"] == 3 and tests["ltuda_vs_labeled-only"]["p_one_sided"] < 0.05
+
+
 def test_a_learning_curve_point_keeps_each_seeds_organs():
     accuracy = _accuracy_module()
 
