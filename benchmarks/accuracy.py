@@ -392,9 +392,10 @@ def paired_test(a: list, b: list) -> dict:
 
 
 # The comparisons a protocol reports: LTUDA against labelled-only and CDA (the claims), and each diagnostic
-# row against the row it takes one part away from: whether the pseudo-labels pay (LTUDA against its own
+# row against the row it takes one part away from: whether the pseudo-labels pay (LTUDA or CDA against its own
 # training without them) and whether stage 2 does (that training against stage 1 alone).
-PROTOCOL_PAIRS = (("ltuda", "labeled-only"), ("ltuda", "cda"), ("ltuda", "ltuda-pseudo-labels-off"),
+PROTOCOL_PAIRS = (("ltuda", "labeled-only"), ("ltuda", "cda"), ("cda", "labeled-only"),
+                  ("ltuda", "ltuda-pseudo-labels-off"), ("cda", "cda-pseudo-labels-off"),
                   ("ltuda-pseudo-labels-off", "labeled-only"), ("cda-pseudo-labels-off", "labeled-only"),
                   ("ltuda-pseudo-labels-off", "cda-pseudo-labels-off"))
 
