@@ -238,6 +238,28 @@ def test_a_protocol_tests_the_pseudo_labels_and_stage_2_against_the_rows_that_le
                           "ltuda-pseudo-labels-off_vs_labeled-only"}
     assert tests["ltuda_vs_ltuda-pseudo-labels-off"]["mean_gain"] == pytest.approx(-0.01 / 3)
     assert tests["ltuda_vs_labeled-only"]["seeds"] == 3 and tests["ltuda_vs_labeled-only"]["p_one_sided"] < 0.05
+    assert "per_organ" not in tests["ltuda_vs_labeled-only"]  # rows saved without each seed's organs
+
+
+def test_a_protocol_tests_each_organ_over_the_seeds_both_rows_have():
+    accuracy = _accuracy_module()
+
+    def runs(*pancreas):  # seed 43 onwards; the liver is level, the pancreas differs
+        return [{"mean_dice": 0.7, "per_organ_dice": {"liver": 0.9, "pancreas": d}, "mean_hd95_mm": 5.0,
+                 "per_organ_hd95_mm": {"liver": 4.0, "pancreas": 6.0}, "train_seconds": 1.0, "iterations": 880}
+                for d in pancreas]
+    methods = {}
+    for key, pancreas in (("labeled-only", (0.40, 0.35, 0.42)), ("ltuda", (0.36, 0.30, 0.39, 0.50))):
+        methods[key] = accuracy.summarise_seeds(runs(*pancreas))
+        methods[key].update(seeds_done=[43 + i for i in range(len(pancreas))], packages="torch 1")
+    test = accuracy.protocol_paired_tests(methods)["ltuda_vs_labeled-only"]
+    assert test["per_organ"]["pancreas"]["seeds"] == 3  # seed 46 is LTUDA's alone
+    assert test["per_organ"]["pancreas"]["mean_gain"] == pytest.approx(-0.04)
+    assert test["per_organ"]["pancreas"]["p_one_sided"] > 0.95 and test["per_organ"]["liver"]["mean_gain"] == 0
+    entry = {"preset": "fast", "seeds": [43, 44, 45, 46], "settings": {}, "methods": methods,
+             "paired_tests": {"ltuda_vs_labeled-only": test}, "commands": ["c"], "machine": {}, "complete": True}
+    markdown = accuracy.render_markdown({"protocols": {"toy": entry}})
+    assert "per organ liver 0.000 (p = n/a), pancreas -0.040 (p = 0.9" in markdown
 
 
 def test_a_learning_curve_point_keeps_each_seeds_organs():

@@ -312,6 +312,7 @@ def summarise_seeds(runs: list) -> dict:
         "per_seed": means,
         "per_organ_dice": {o: float(np.mean([r["per_organ_dice"][o] for r in runs])) for o in organs},
         "per_organ_dice_std": {o: float(np.std([r["per_organ_dice"][o] for r in runs])) for o in organs},
+        "per_seed_organ_dice": {o: [r["per_organ_dice"][o] for r in runs] for o in organs},  # per-organ tests
         "mean_hd95_mm": _nanmean([r["mean_hd95_mm"] for r in runs]),
         "per_organ_hd95_mm": {o: _nanmean([r["per_organ_hd95_mm"][o] for r in runs]) for o in organs},
         "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
@@ -412,7 +413,13 @@ def paired_methods(a: dict, b: dict) -> dict:
     first = dict(zip(a["seeds_done"], a["per_seed"]))
     second = dict(zip(b["seeds_done"], b["per_seed"]))
     common = [s for s in first if s in second]
-    return paired_test([first[s] for s in common], [second[s] for s in common])
+    test = paired_test([first[s] for s in common], [second[s] for s in common])
+    if "per_seed_organ_dice" in a and "per_seed_organ_dice" in b:  # rows saved before 2026-12-04 lack them
+        organ = {key: {o: dict(zip(row["seeds_done"], dice)) for o, dice in row["per_seed_organ_dice"].items()}
+                 for key, row in (("a", a), ("b", b))}
+        test["per_organ"] = {o: paired_test([organ["a"][o][s] for s in common], [organ["b"][o][s] for s in common])
+                             for o in organ["a"] if o in organ["b"]}
+    return test
 
 
 def scarce_suffix(cases_per_site) -> str:
@@ -739,6 +746,9 @@ def render_markdown(results) -> str:
         for name, test in entry.get("paired_tests", {}).items():
             lines.append(f"\n{name.replace('_', ' ')}: mean gain {_fmt(test['mean_gain'])} over {test['seeds']} paired "
                          f"seeds, one-sided paired t-test p = {_fmt(test['p_one_sided'], 4)}")
+            if test.get("per_organ"):
+                lines[-1] += "; per organ " + ", ".join(f"{o} {_fmt(t['mean_gain'])} (p = {_fmt(t['p_one_sided'], 3)})"
+                                                        for o, t in test["per_organ"].items())
         lines.append("")
     for protocol, curve in results.get("learning_curve", {}).items():
         lines += [f"## Learning curve: {protocol}", "",
