@@ -462,3 +462,31 @@ def test_a_confidence_threshold_outside_its_range_is_refused_with_the_fix(tiny_d
                  "--pseudo-confident-above", "0.3", "--dry-run"])
     err = capsys.readouterr().err
     assert code != 0 and "--pseudo-confident-above 0.3" in err and "0.9" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("stage2_pseudo_labels", [True, False])
+def test_stage_2_trains_on_the_labelled_organs_alone_when_its_pseudo_labels_are_off(monkeypatch, stage2_pseudo_labels):
+    targets = []  # the target of each pseudo-label term
+    seg_loss = StepContext.seg_loss
+
+    def recording_loss(self, logits, target, pseudo=False, dice_target=None):
+        if pseudo:
+            targets.append(target)
+        return seg_loss(self, logits, target, pseudo=pseudo, dice_target=dice_target)
+
+    monkeypatch.setattr(StepContext, "seg_loss", recording_loss)
+    config = make_config("fast", strong_views=2, pseudo_uncertain_below=0.5, stage2_pseudo_labels=stage2_pseudo_labels)
+    net = LTUDANet(NetworkConfig(C, (8, 8, 16, 16, 32, 16), 16, 3))
+    ctx = StepContext(config, C, torch.Generator().manual_seed(0), contextlib.nullcontext)
+    images, labels, _ = _toy_batch()
+    labeled = torch.zeros(4, C, dtype=torch.bool)
+    labeled[:, 0] = True  # every sample labels organ 1 alone, so every pasted pixel does too
+    labels = torch.where(labels == 1, labels, torch.zeros_like(labels))
+    for stage in (1, 2):
+        targets.clear()
+        loss = ltuda_step(ctx, net, copy.deepcopy(net), (images, labels, labeled), stage)
+        assert torch.isfinite(loss) and len(targets) == 2
+        for target in targets:
+            assert (target[:, 0] != IGNORE).all()  # the labelled organ: trained in every stage
+            from_teacher = (target[:, 1:] != IGNORE).any().item()
+            assert from_teacher == (stage == 1 or stage2_pseudo_labels)  # the others: by the teacher or not

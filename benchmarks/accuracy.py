@@ -90,6 +90,8 @@ METHODS = {
     # diagnostic: the same with stage 1 alone for all the iterations, i.e. labelled training on the strong
     # (CutMix) views with an EMA teacher and no stage 2: splits what ltuda-pseudo-labels-off gains into parts
     "cda-pseudo-labels-off": ("cda", "partial", {"pseudo_gate": 0.999, "gate_cases": "held-out"}),
+    # the fast recipe with its pseudo-labels in stage 1 only: stage 2 trains on the labelled organs alone
+    "ltuda-stage1-pseudo-labels": ("ltuda", "partial", {"stage2_pseudo_labels": False}),
 }
 DEFAULT_METHODS = ("fully-supervised", "labeled-only", "naive", "marginal-exclusion", "cda", "ltuda", "oracle")
 PROTOCOLS = ("toy", "multi-site")

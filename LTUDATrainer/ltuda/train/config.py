@@ -55,6 +55,9 @@ class TrainConfig:
     # running Dice on the cases that label it reaches this; its pBCE term (the teacher's negatives too)
     # stays on throughout (0 = every organ whose pseudo-labels are used).
     pseudo_dice_gate: float = 0.0
+    # Stage 2 trains on the unlabelled organs' pseudo-labels (the paper), or on the labels alone (False):
+    # at small compute stage 2's pseudo-labels cost what stage 1's gain (benchmarks/results/strong-views).
+    stage2_pseudo_labels: bool = True
     # Where the organ gates (pseudo_gate, pseudo_dice_gate) judge the teacher: "training", its running
     # Dice on the training batches that label the organ, or "held-out", its Dice on the validation cases
     # at each validation (cases neither it nor the student trains on).

@@ -131,6 +131,8 @@ def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.T
         pseudo, pseudo_target = make_pseudo_labels(teacher, images, labels, labeled, ctx.autocast,
                                                    ctx.config.pseudo_uncertain_below, ctx.gate,
                                                    ctx.config.pseudo_confident_above)
+    if stage == 2 and not ctx.config.stage2_pseudo_labels:  # the labelled organs' targets alone
+        pseudo_target = torch.where(labeled[:, :, None, None], pseudo_target, torch.full_like(pseudo_target, IGNORE))
     partial = partial_target(labels, labeled, c)
     views = _strong_views(ctx, images, partial, pseudo, pseudo_target, labels,
                           _dice_targets(ctx, pseudo_target, labeled))
