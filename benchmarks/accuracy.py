@@ -411,17 +411,20 @@ def protocol_paired_tests(methods: dict) -> dict:
 
 
 def paired_methods(a: dict, b: dict) -> dict:
-    """paired_test of method summary a against b over the seeds both finished."""
-    first = dict(zip(a["seeds_done"], a["per_seed"]))
-    second = dict(zip(b["seeds_done"], b["per_seed"]))
-    common = [s for s in first if s in second]
-    test = paired_test([first[s] for s in common], [second[s] for s in common])
+    """paired_test of method summary a against b over the seeds both finished, overall and per organ."""
+    def by_seed(row, values):
+        return dict(zip(row["seeds_done"], values))
+
+    def test(first, second):
+        common = [s for s in first if s in second]
+        return paired_test([first[s] for s in common], [second[s] for s in common])
+
+    result = test(by_seed(a, a["per_seed"]), by_seed(b, b["per_seed"]))
     if "per_seed_organ_dice" in a and "per_seed_organ_dice" in b:  # rows saved before 2026-12-04 lack them
-        organ = {key: {o: dict(zip(row["seeds_done"], dice)) for o, dice in row["per_seed_organ_dice"].items()}
-                 for key, row in (("a", a), ("b", b))}
-        test["per_organ"] = {o: paired_test([organ["a"][o][s] for s in common], [organ["b"][o][s] for s in common])
-                             for o in organ["a"] if o in organ["b"]}
-    return test
+        organs_a, organs_b = a["per_seed_organ_dice"], b["per_seed_organ_dice"]
+        result["per_organ"] = {o: test(by_seed(a, organs_a[o]), by_seed(b, organs_b[o]))
+                               for o in organs_a if o in organs_b}
+    return result
 
 
 def scarce_suffix(cases_per_site) -> str:
@@ -630,8 +633,9 @@ def main(argv=None):
                      "commands": sorted({m["command"] for m in methods.values()}),
                      "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                  "jobs": args.jobs, "packages": packages}}
-            if protocol_paired_tests(methods):
-                entry["paired_tests"] = protocol_paired_tests(methods)
+            paired_tests = protocol_paired_tests(methods)
+            if paired_tests:
+                entry["paired_tests"] = paired_tests
             if args.site_gap and done(None, "labeled-only"):  # none when every run failed or was stopped
                 entry["site_gap"] = site_gap(done(None, "labeled-only"), phantoms["unlabelled_site"])
             elif previous.get("site_gap") and same_experiment:
