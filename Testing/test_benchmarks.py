@@ -1,5 +1,6 @@
 """The benchmarks' smallest configurations run end to end, so they cannot rot."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -159,17 +160,16 @@ def test_accuracy_benchmark_measures_the_multi_site_gap(tmp_path):
     assert "| end of training, local native cases |" in report
 
 
-def _accuracy_module():
+def _benchmark_module(name="accuracy"):
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import accuracy
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
-    return accuracy
 
 
 def test_rows_keep_their_recipe_and_a_learning_curve_scales_all_of_its_schedule():
-    accuracy = _accuracy_module()
+    accuracy = _benchmark_module()
 
     from ltuda.train.config import make_config
 
@@ -189,14 +189,15 @@ def test_rows_keep_their_recipe_and_a_learning_curve_scales_all_of_its_schedule(
 
 
 def test_a_learning_curve_point_gathers_seeds_and_recipes_over_invocations():
-    accuracy = _accuracy_module()
+    stats = _benchmark_module("accuracy_stats")
+    report = _benchmark_module("accuracy_report")
 
     def runs(**dice):
         return {int(seed[1:]): {"mean_dice": d, "iterations": 3520} for seed, d in dice.items()}
-    point = accuracy.add_to_curve({}, {"labeled-only": runs(s43=0.70, s44=0.72, s45=0.74),
+    point = stats.add_to_curve({}, {"labeled-only": runs(s43=0.70, s44=0.72, s45=0.74),
                                        "ltuda-rampup": runs(s43=0.71, s44=0.74, s45=0.75)}, "first")
     # a later, partial invocation with another recipe: labelled-only keeps its three seeds
-    accuracy.add_to_curve(point, {"labeled-only": runs(s43=0.70), "ltuda": runs(s43=0.69)}, "second")
+    stats.add_to_curve(point, {"labeled-only": runs(s43=0.70), "ltuda": runs(s43=0.69)}, "second")
     assert {key: len(dice) for key, dice in point["per_seed"].items()} == {"labeled-only": 3, "ltuda-rampup": 3, "ltuda": 1}
     assert point["labeled-only"] == pytest.approx(0.72) and point["ltuda-rampup"] == pytest.approx(2.2 / 3)
     old = point["ltuda-rampup_vs_labeled-only"]
@@ -204,28 +205,29 @@ def test_a_learning_curve_point_gathers_seeds_and_recipes_over_invocations():
     new = point["ltuda_vs_labeled-only"]  # over the one seed both have
     assert (new["seeds"], new["mean_gain"], new["labeled_only"]) == (1, pytest.approx(-0.01), pytest.approx(0.70))
     assert point["commands"] == {"labeled-only": "second", "ltuda-rampup": "first", "ltuda": "second"}
-    markdown = accuracy.render_markdown({"learning_curve": {"toy": {"commands": ["first", "second"], "4": point}}})
+    markdown = report.render_markdown({"learning_curve": {"toy": {"commands": ["first", "second"], "4": point}}})
     assert "| x4 | ltuda | 0.700 | 0.690 | -0.010 |" in markdown and "| x4 | ltuda-rampup | 0.720 | 0.733 |" in markdown
 
 
 def test_a_learning_curve_point_compares_ltuda_with_cda_alone_where_it_has_both():
-    accuracy = _accuracy_module()
+    stats = _benchmark_module("accuracy_stats")
+    report = _benchmark_module("accuracy_report")
 
     def runs(**dice):
         return {int(seed[1:]): {"mean_dice": d, "iterations": 7040} for seed, d in dice.items()}
-    point = accuracy.add_to_curve({}, {"labeled-only": runs(s43=0.70, s44=0.72), "ltuda": runs(s43=0.75, s44=0.76)},
+    point = stats.add_to_curve({}, {"labeled-only": runs(s43=0.70, s44=0.72), "ltuda": runs(s43=0.75, s44=0.76)},
                                   "first", "torch 1")
     assert "ltuda_vs_cda" not in point
-    accuracy.add_to_curve(point, {"labeled-only": runs(s43=0.70), "cda": runs(s43=0.73, s44=0.73)}, "second", "torch 1")
+    stats.add_to_curve(point, {"labeled-only": runs(s43=0.70), "cda": runs(s43=0.73, s44=0.73)}, "second", "torch 1")
     test = point["ltuda_vs_cda"]
     assert (test["seeds"], test["mean_gain"], test["cda"]) == (2, pytest.approx(0.025), pytest.approx(0.73))
     assert point["cda_vs_labeled-only"]["mean_gain"] == pytest.approx(0.02)
-    markdown = accuracy.render_markdown({"learning_curve": {"toy": {"commands": ["first", "second"], "8": point}}})
+    markdown = report.render_markdown({"learning_curve": {"toy": {"commands": ["first", "second"], "8": point}}})
     assert "x8, ltuda against cda: CDA 0.730, mean gain 0.025 over 2 paired seeds" in markdown
 
 
 def test_a_protocol_tests_the_pseudo_labels_and_stage_2_against_the_rows_that_leave_them_out():
-    accuracy = _accuracy_module()
+    stats = _benchmark_module("accuracy_stats")
 
     def row(packages, **dice):
         return {"seeds_done": [int(s[1:]) for s in dice], "per_seed": list(dice.values()), "packages": packages}
@@ -233,7 +235,7 @@ def test_a_protocol_tests_the_pseudo_labels_and_stage_2_against_the_rows_that_le
                "ltuda": row("torch 1", s43=0.63, s44=0.62, s45=0.64),
                "ltuda-pseudo-labels-off": row("torch 1", s43=0.64, s44=0.61, s45=0.65),
                "cda-pseudo-labels-off": row("torch 2", s43=0.62, s44=0.60)}  # another install: pairs with none
-    tests = accuracy.protocol_paired_tests(methods)
+    tests = stats.protocol_paired_tests(methods)
     assert set(tests) == {"ltuda_vs_labeled-only", "ltuda_vs_ltuda-pseudo-labels-off",
                           "ltuda-pseudo-labels-off_vs_labeled-only"}
     assert tests["ltuda_vs_ltuda-pseudo-labels-off"]["mean_gain"] == pytest.approx(-0.01 / 3)
@@ -242,7 +244,8 @@ def test_a_protocol_tests_the_pseudo_labels_and_stage_2_against_the_rows_that_le
 
 
 def test_a_protocol_tests_each_organ_over_the_seeds_both_rows_have():
-    accuracy = _accuracy_module()
+    stats = _benchmark_module("accuracy_stats")
+    report = _benchmark_module("accuracy_report")
 
     def runs(*pancreas):  # seed 43 onwards; the liver is level, the pancreas differs
         return [{"mean_dice": 0.7, "per_organ_dice": {"liver": 0.9, "pancreas": d}, "mean_hd95_mm": 5.0,
@@ -250,40 +253,42 @@ def test_a_protocol_tests_each_organ_over_the_seeds_both_rows_have():
                 for d in pancreas]
     methods = {}
     for key, pancreas in (("labeled-only", (0.40, 0.35, 0.42)), ("ltuda", (0.36, 0.30, 0.39, 0.50))):
-        methods[key] = accuracy.summarise_seeds(runs(*pancreas))
+        methods[key] = stats.summarise_seeds(runs(*pancreas))
         methods[key].update(seeds_done=[43 + i for i in range(len(pancreas))], packages="torch 1")
-    test = accuracy.protocol_paired_tests(methods)["ltuda_vs_labeled-only"]
+    test = stats.protocol_paired_tests(methods)["ltuda_vs_labeled-only"]
     assert test["per_organ"]["pancreas"]["seeds"] == 3  # seed 46 is LTUDA's alone
     assert test["per_organ"]["pancreas"]["mean_gain"] == pytest.approx(-0.04)
     assert test["per_organ"]["pancreas"]["p_one_sided"] > 0.95 and test["per_organ"]["liver"]["mean_gain"] == 0
     entry = {"preset": "fast", "seeds": [43, 44, 45, 46], "settings": {}, "methods": methods,
              "paired_tests": {"ltuda_vs_labeled-only": test}, "commands": ["c"], "machine": {}, "complete": True}
-    markdown = accuracy.render_markdown({"protocols": {"toy": entry}})
+    markdown = report.render_markdown({"protocols": {"toy": entry}})
     assert "per organ liver 0.000 (p = n/a), pancreas -0.040 (p = 0.9" in markdown
 
 
 def test_a_learning_curve_point_keeps_each_seeds_organs():
-    accuracy = _accuracy_module()
+    stats = _benchmark_module("accuracy_stats")
+    report = _benchmark_module("accuracy_report")
 
     def run(dice, pancreas):
         return {"mean_dice": dice, "iterations": 7040, "per_organ_dice": {"liver": 0.9, "pancreas": pancreas}}
-    point = accuracy.add_to_curve({}, {"ltuda": {43: run(0.75, 0.40)}}, "first")
-    accuracy.add_to_curve(point, {"ltuda": {44: run(0.77, 0.50)}, "labeled-only": {44: run(0.7, 0.3)}}, "second")
+    point = stats.add_to_curve({}, {"ltuda": {43: run(0.75, 0.40)}}, "first")
+    stats.add_to_curve(point, {"ltuda": {44: run(0.77, 0.50)}, "labeled-only": {44: run(0.7, 0.3)}}, "second")
     assert point["per_organ_dice"]["ltuda"] == {"liver": pytest.approx(0.9), "pancreas": pytest.approx(0.45)}
-    markdown = accuracy.render_markdown({"learning_curve": {"toy": {"commands": ["first"], "8": point}}})
+    markdown = report.render_markdown({"learning_curve": {"toy": {"commands": ["first"], "8": point}}})
     assert "| x8 | ltuda | 0.900 | 0.450 | 2 |" in markdown and "| x8 | labeled-only | 0.900 | 0.300 | 1 |" in markdown
 
 
 def test_a_learning_curve_pairs_only_runs_made_on_the_same_package_versions():
-    accuracy = _accuracy_module()
+    accuracy = _benchmark_module()
+    stats = _benchmark_module("accuracy_stats")
     versions = accuracy.package_versions()
     assert versions.startswith("CPU ") and "torch " in versions and "monai " in versions and "SimpleITK " in versions
 
     def runs(**dice):
         return {int(seed[1:]): {"mean_dice": d, "iterations": 7040} for seed, d in dice.items()}
-    point = accuracy.add_to_curve({}, {"labeled-only": runs(s43=0.70, s44=0.72)}, "first", "torch 1")
+    point = stats.add_to_curve({}, {"labeled-only": runs(s43=0.70, s44=0.72)}, "first", "torch 1")
     # a later session, after a fresh install: seed 44's labelled-only run was made on other versions
-    accuracy.add_to_curve(point, {"labeled-only": runs(s45=0.74), "ltuda": runs(s44=0.80, s45=0.75)}, "second",
+    stats.add_to_curve(point, {"labeled-only": runs(s45=0.74), "ltuda": runs(s44=0.80, s45=0.75)}, "second",
                           "torch 2")
     test = point["ltuda_vs_labeled-only"]
     assert (test["seeds"], test["mean_gain"]) == (1, pytest.approx(0.01))  # seed 45 alone
@@ -291,24 +296,24 @@ def test_a_learning_curve_pairs_only_runs_made_on_the_same_package_versions():
 
 
 def test_a_run_scored_again_keeps_the_command_and_packages_it_was_trained_with():
-    accuracy = _accuracy_module()
+    stats = _benchmark_module("accuracy_stats")
 
     def runs(trained_here, **dice):
         return {int(seed[1:]): {"mean_dice": d, "iterations": 7040, "trained_here": trained_here}
                 for seed, d in dice.items()}
-    point = accuracy.add_to_curve({}, {"labeled-only": runs(True, s43=0.70)}, "first", "torch 1")
+    point = stats.add_to_curve({}, {"labeled-only": runs(True, s43=0.70)}, "first", "torch 1")
     # a later invocation for another recipe scores labelled-only's finished run again, then trains a new seed
-    accuracy.add_to_curve(point, {"labeled-only": runs(False, s43=0.70), "cda": runs(True, s43=0.71)}, "cda run",
+    stats.add_to_curve(point, {"labeled-only": runs(False, s43=0.70), "cda": runs(True, s43=0.71)}, "cda run",
                           "torch 2")
     assert point["commands"] == {"labeled-only": "first", "cda": "cda run"}
     assert point["packages"]["labeled-only"] == {"43": "torch 1"}
-    accuracy.add_to_curve(point, {"labeled-only": runs(True, s44=0.72)}, "more seeds", "torch 2")
+    stats.add_to_curve(point, {"labeled-only": runs(True, s44=0.72)}, "more seeds", "torch 2")
     assert point["commands"]["labeled-only"] == "more seeds"
     assert point["packages"]["labeled-only"] == {"43": "torch 1", "44": "torch 2"}
 
 
 def test_the_teacher_table_says_when_the_organ_gate_let_each_organ_in():
-    accuracy = _accuracy_module()
+    report = _benchmark_module("accuracy_report")
 
     def entry(stage, epoch, dice_on):
         quality = {o: {"precision": 0.5, "recall": 0.5, "dice": 0.5} for o in ("liver", "pancreas")}
@@ -316,13 +321,13 @@ def test_the_teacher_table_says_when_the_organ_gate_let_each_organ_in():
                 "pseudo_dice_on": dice_on}
     seed43 = [entry(1, 9, []), entry(1, 10, ["liver"]), entry(2, 1, ["liver"])]
     seed44 = [entry(1, 9, ["liver"]), entry(1, 10, ["liver"]), entry(2, 1, ["liver", "pancreas"])]
-    lines = accuracy._quality_lines({"ltuda-pseudo-dice-gate": {"pseudo_label_quality": [seed43, seed44]}})
+    lines = report._quality_lines({"ltuda-pseudo-dice-gate": {"pseudo_label_quality": [seed43, seed44]}})
     assert "| Dice term on pseudo-targets from (stage.epoch, per seed) | 1.10 1.9 | never 2.1 |" in lines
     assert not any(line.startswith("| pseudo-labels used from") for line in lines)  # that gate never closed
 
 
 def test_a_setting_added_later_at_its_default_keeps_finished_runs(tmp_path):
-    accuracy = _accuracy_module()
+    accuracy = _benchmark_module()
     from ltuda.train.config import make_config
 
     config = make_config("fast", method="ltuda", seed=43)
@@ -343,7 +348,7 @@ def test_a_run_stopped_part_way_resumes_and_ends_as_if_never_stopped(tiny_datase
     from ltuda.train.config import make_config
     from ltuda.train.trainer import Trainer
 
-    accuracy = _accuracy_module()
+    accuracy = _benchmark_module()
     settings = dict(epochs_stage1=2, epochs_stage2=1, iterations_per_epoch=2, image_size=32, batch_size=2,
                     val_fraction=0.5)
     whole = accuracy.run_one(tiny_dataset, "ltuda", 43, "fast", settings, tmp_path / "whole", tmp_path / "cache")

@@ -36,6 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from accuracy_report import plot, render_markdown
+from accuracy_stats import add_to_curve, nanmean, protocol_paired_tests, summarise_seeds
+
 # The fast preset's recipe until 2026-12-03: no warm-up, a 12-epoch ramp-up of the pseudo-label term and the
 # learning rate restarted per stage. The rows measured with it keep it by name, so their finished runs
 # stay theirs after the preset moved to the warm-up recipe.
@@ -201,8 +204,8 @@ def score(model_dir: Path, manifest, work: Path, holdout: Path = None) -> dict:
     mean = summarise(cases, manifest.classes)["mean"]
     dice = {n: m["dice"] for n, m in mean.items()}
     hd95 = {n: m["hd95_mm"] for n, m in mean.items()}
-    result = {"mean_dice": _nanmean(list(dice.values())), "per_organ_dice": dice, "per_organ_hd95_mm": hd95,
-              "mean_hd95_mm": _nanmean(list(hd95.values())), "head": predictor.head}
+    result = {"mean_dice": nanmean(list(dice.values())), "per_organ_dice": dice, "per_organ_hd95_mm": hd95,
+              "mean_hd95_mm": nanmean(list(hd95.values())), "head": predictor.head}
     if holdout is not None:
         result["site_dice"], by_phase = site_dice(predictor, holdout, work)
         result["site_phase_dice"] = {**by_phase, **_dice_by(test_cases, cases, manifest.classes, _site_phase)}
@@ -298,31 +301,6 @@ def parse_setting(text: str) -> tuple:
         return key, value
 
 
-def _nanmean(values) -> float:
-    """Mean ignoring NaN (an organ predicted empty has no HD95); NaN, quietly, when all are."""
-    finite = [v for v in values if not np.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
-def summarise_seeds(runs: list) -> dict:
-    """Mean and spread over seeds of the per-seed results of one method."""
-    organs = list(runs[0]["per_organ_dice"])
-    means = [r["mean_dice"] for r in runs]
-    return {
-        "mean_dice": float(np.mean(means)),
-        "dice_std": float(np.std(means)),
-        "per_seed": means,
-        "per_organ_dice": {o: float(np.mean([r["per_organ_dice"][o] for r in runs])) for o in organs},
-        "per_organ_dice_std": {o: float(np.std([r["per_organ_dice"][o] for r in runs])) for o in organs},
-        "per_seed_organ_dice": {o: [r["per_organ_dice"][o] for r in runs] for o in organs},  # per-organ tests
-        "mean_hd95_mm": _nanmean([r["mean_hd95_mm"] for r in runs]),
-        "per_organ_hd95_mm": {o: _nanmean([r["per_organ_hd95_mm"][o] for r in runs]) for o in organs},
-        "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
-        "iterations": runs[0]["iterations"],
-        "seeds": len(runs),
-    }
-
-
 def package_versions() -> str:
     """The packages a run's figures depend on, and the CPU instruction set torch's kernels use. Runs repeat
     exactly on one such set only: on another (a fresh install, another machine) a seed's Dice moves by about
@@ -340,91 +318,6 @@ def package_versions() -> str:
         except PackageNotFoundError:
             found.append(f"{name} absent")
     return ", ".join(found)
-
-
-def add_to_curve(point: dict, finished: dict, command: str, packages: str = None) -> dict:
-    """Merge one invocation's finished runs ({method: {seed: result}}) into a learning-curve point.
-
-    Runs are deterministic on one set of package versions, so a seed's figure from an earlier invocation
-    stands beside this one's: a partial invocation adds seeds and never shrinks a method's record, and a
-    point holds every recipe measured at it. Each recipe is compared with labelled-only over the seeds both
-    have on the same package versions (runs recorded before versions were kept count as one set); LTUDA is
-    also compared with CDA alone where the point has both, as the issue's target asks."""
-    per_seed = point.setdefault("per_seed", {})
-    versions = point.setdefault("packages", {})
-    organs = point.setdefault("per_seed_organ_dice", {})  # which organ a gain comes from
-    for key, results in finished.items():
-        per_seed[key] = {**per_seed.get(key, {}), **{str(s): r["mean_dice"] for s, r in results.items()}}
-        organs[key] = {**organs.get(key, {}),
-                       **{str(s): r["per_organ_dice"] for s, r in results.items() if "per_organ_dice" in r}}
-        if organs[key]:
-            by_seed = list(organs[key].values())
-            point.setdefault("per_organ_dice", {})[key] = {o: float(np.mean([d[o] for d in by_seed]))
-                                                           for o in by_seed[0]}
-        # a run scored again keeps the command and package versions it was trained with
-        trained = {s: r for s, r in results.items() if r.get("trained_here", True) or str(s) not in versions.get(key, {})}
-        versions[key] = {**versions.get(key, {}), **{str(s): packages for s in trained}}
-        point.setdefault("iterations", {})[key] = next(iter(results.values()))["iterations"]
-        if trained or key not in point.get("commands", {}):
-            point.setdefault("commands", {})[key] = command
-
-    def compare(key, other):
-        dice, baseline = per_seed[key], per_seed.get(other, {})
-        paired = [s for s in dice if s in baseline and versions.get(key, {}).get(s) == versions[other].get(s)]
-        if key != other and paired:
-            point[f"{key}_vs_{other}"] = {**paired_test([dice[s] for s in paired], [baseline[s] for s in paired]),
-                                          other.replace("-", "_"): float(np.mean([baseline[s] for s in paired]))}
-    for key, dice in per_seed.items():
-        point[key] = float(np.mean(list(dice.values())))
-        compare(key, "labeled-only")
-    if "ltuda" in per_seed:
-        compare("ltuda", "cda")
-    return point
-
-
-def paired_test(a: list, b: list) -> dict:
-    """One-sided paired t-test that a > b over the seeds both have."""
-    from scipy import stats
-
-    n = min(len(a), len(b))
-    gain = float(np.mean(np.subtract(a[:n], b[:n]))) if n else float("nan")
-    if n < 2 or np.allclose(a[:n], b[:n]):
-        return {"seeds": n, "mean_gain": gain, "t": float("nan"), "p_one_sided": float("nan")}
-    t, p = stats.ttest_rel(a[:n], b[:n], alternative="greater")
-    return {"seeds": n, "mean_gain": gain, "t": float(t), "p_one_sided": float(p)}
-
-
-# The comparisons a protocol reports: LTUDA against labelled-only and CDA (the claims), and each diagnostic
-# row against the row it takes one part away from: whether the pseudo-labels pay (LTUDA or CDA against its own
-# training without them) and whether stage 2 does (that training against stage 1 alone).
-PROTOCOL_PAIRS = (("ltuda", "labeled-only"), ("ltuda", "cda"), ("cda", "labeled-only"),
-                  ("ltuda", "ltuda-pseudo-labels-off"), ("cda", "cda-pseudo-labels-off"),
-                  ("ltuda-pseudo-labels-off", "labeled-only"), ("cda-pseudo-labels-off", "labeled-only"),
-                  ("ltuda-pseudo-labels-off", "cda-pseudo-labels-off"))
-
-
-def protocol_paired_tests(methods: dict) -> dict:
-    """paired_methods of each PROTOCOL_PAIRS pair that a protocol's methods hold, measured on the same
-    package versions (runs of another install are another draw of each seed)."""
-    return {f"{a}_vs_{b}": paired_methods(methods[a], methods[b]) for a, b in PROTOCOL_PAIRS
-            if a in methods and b in methods and methods[a].get("packages") == methods[b].get("packages")}
-
-
-def paired_methods(a: dict, b: dict) -> dict:
-    """paired_test of method summary a against b over the seeds both finished, overall and per organ."""
-    def by_seed(row, values):
-        return dict(zip(row["seeds_done"], values))
-
-    def test(first, second):
-        common = [s for s in first if s in second]
-        return paired_test([first[s] for s in common], [second[s] for s in common])
-
-    result = test(by_seed(a, a["per_seed"]), by_seed(b, b["per_seed"]))
-    if "per_seed_organ_dice" in a and "per_seed_organ_dice" in b:  # rows saved before 2026-12-04 lack them
-        organs_a, organs_b = a["per_seed_organ_dice"], b["per_seed_organ_dice"]
-        result["per_organ"] = {o: test(by_seed(a, organs_a[o]), by_seed(b, organs_b[o]))
-                               for o in organs_a if o in organs_b}
-    return result
 
 
 def scarce_suffix(cases_per_site) -> str:
@@ -655,212 +548,6 @@ def main(argv=None):
     print(render_markdown(results))
     if failed:
         sys.exit(f"{len(failed)} run(s) failed (above); the others are saved")
-
-
-def _fmt(value, digits=3) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _quality_lines(methods: dict) -> list:
-    """Teacher pseudo-label precision / recall / Dice per organ, on the organs a case does not label, at
-    the end of stage 1 and at the end of training (mean over seeds)."""
-    lines = []
-    for key, r in methods.items():
-        runs = [q for q in r.get("pseudo_label_quality", []) if q]
-        if not runs:
-            continue
-        organs = list(runs[0][-1]["per_organ"])
-        lines += ["", f"Teacher pseudo-labels of `{key}` where they are used (precision / recall / Dice, mean over "
-                  f"{len(runs)} seed(s)):", "", "| when | " + " | ".join(organs) + " |", "|---|" + "---|" * len(organs)]
-        for label, pick in (("end of stage 1", lambda run: [d for d in run if d["stage"] == 1][-1:]),
-                            ("end of training", lambda run: run[-1:])):
-            picked = [p[0] for p in map(pick, runs) if p]
-            if not picked:
-                continue
-            lines.append(f"| {label} | " + " | ".join(_quality_cells([d["per_organ"] for d in picked], organs)) + " |")
-        # at the end of training, by the training cases' site and phase (where the teacher meets a shift)
-        groups = sorted({g for run in runs for g in run[-1].get("by_group", {})})
-        for group in groups:
-            picked = [run[-1]["by_group"][group] for run in runs if group in run[-1].get("by_group", {})]
-            lines.append(f"| end of training, {group} cases | " + " | ".join(_quality_cells(picked, organs)) + " |")
-        lines += _gate_rows(runs, organs)
-    return lines
-
-
-def _gate_rows(runs: list, organs: list) -> list:
-    """With an organ gate that kept some organ out at some moment: when each organ got in, per seed."""
-    rows = []
-    for field, label in (("pseudo_labels_on", "pseudo-labels used"), ("pseudo_dice_on", "Dice term on pseudo-targets")):
-        entries = [d for run in runs for d in run if field in d]
-        if not any(set(organs) - set(d[field]) for d in entries):
-            continue
-        cells = [" ".join(next((f"{d['stage']}.{d['epoch']}" for d in run if organ in d.get(field, [])), "never")
-                          for run in runs) for organ in organs]
-        rows.append(f"| {label} from (stage.epoch, per seed) | " + " | ".join(cells) + " |")
-    return rows
-
-
-def _quality_cells(per_organ_runs: list, organs: list) -> list:
-    """One "precision / recall / Dice" cell per organ, mean over the runs that measured it."""
-    return [" / ".join(_fmt(_nanmean([q.get(organ, {}).get(m, np.nan) for q in per_organ_runs]), 2)
-                       for m in ("precision", "recall", "dice")) for organ in organs]
-
-
-def render_markdown(results) -> str:
-    lines = ["# Accuracy benchmark (partially labelled phantoms)", "",
-             "Every method trains the same number of iterations with the same network and seeds. Dice is 3D on the "
-             "fully labelled test cases, mean over cases then seeds (spread = std over seeds); HD95 in mm.", ""]
-    for protocol, entry in results.get("protocols", {}).items():
-        methods = entry["methods"]
-        if not methods:
-            continue
-        organs = list(next(iter(methods.values()))["per_organ_dice"])
-        lines += [f"## Protocol: {protocol}" + ("" if entry.get("complete") else " (INCOMPLETE: running or stopped)"),
-                  "", "Commands: " + ", ".join(f"`{c}`" for c in entry["commands"]) + "  ",
-                  f"Preset: {entry['preset']}; phantoms version {entry.get('phantoms_version', 1)}; "
-                  + (f"scarce labels: the first {entry['cases_per_site']} cases of each site; "
-                     if entry.get("cases_per_site") else "") + "seeds "
-                  f"{entry['seeds']}; settings for every method: "
-                  f"{entry.get('settings') or 'none'}; machine {entry['machine']}", ""]
-        if entry.get("site_gap"):
-            gap = entry["site_gap"]
-            other = ("the test cases', which come from the unlabelled site's scanner and patients"
-                     if gap.get("against") == "unlabelled site" else "the other sites'")
-            lines += [f"Site gap of labelled-only (Dice on held-out cases of the site that labels the organ minus "
-                      f"{other}, {gap['seeds']} seed(s)): {gap['gap']:.3f}; per organ "
-                      + ", ".join(f"{o} {gap['own_site'][o]:.3f}/{gap['other_sites'][o]:.3f}" for o in gap["per_organ"])
-                      + (f"; between the labelled sites: {gap['between_labelled_sites']:.3f}"
-                         if "between_labelled_sites" in gap else ""), ""]
-            if gap.get("by_site_and_phase"):
-                organs_gap = list(gap["per_organ"])
-                lines += ["Labelled-only Dice by site and contrast phase (held-out cases of the training sites, then the "
-                          "test cases; mean over seeds):", "", "| site, phase | " + " | ".join(organs_gap) + " |",
-                          "|---|" + "---|" * len(organs_gap)]
-                lines += [f"| {key} | " + " | ".join(_fmt(row[o]) for o in organs_gap) + " |"
-                          for key, row in sorted(gap["by_site_and_phase"].items(), key=lambda kv: kv[0].startswith("test"))]
-                lines.append("")
-        lines += ["| method | mean Dice | spread | per seed | " + " | ".join(organs)
-                  + " | mean HD95 (mm) | iterations | train s |",
-                  "|---|---|---|---|" + "---|" * len(organs) + "---|---|---|"]
-        for key, r in methods.items():
-            spread = _fmt(r["dice_std"]) if r["seeds"] > 1 else "n/a (1 seed)"
-            lines.append(f"| {key} | {r['mean_dice']:.3f} | {spread} | "
-                         + " ".join(f"{d:.3f} ({s})" for s, d in zip(r["seeds_done"], r["per_seed"]))
-                         + " | " + " | ".join(f"{r['per_organ_dice'][o]:.3f}" for o in organs)
-                         + f" | {_fmt(r['mean_hd95_mm'], 1)} | {r['iterations']} | {r['train_seconds']:.0f} |")
-        lines += _quality_lines(methods)
-        for name, test in entry.get("paired_tests", {}).items():
-            lines.append(f"\n{name.replace('_', ' ')}: mean gain {_fmt(test['mean_gain'])} over {test['seeds']} paired "
-                         f"seeds, one-sided paired t-test p = {_fmt(test['p_one_sided'], 4)}")
-            if test.get("per_organ"):
-                lines[-1] += "; per organ " + ", ".join(f"{o} {_fmt(t['mean_gain'])} (p = {_fmt(t['p_one_sided'], 3)})"
-                                                        for o, t in test["per_organ"].items())
-        lines.append("")
-    for protocol, curve in results.get("learning_curve", {}).items():
-        lines += [f"## Learning curve: {protocol}", "",
-                  "Commands: " + ", ".join(f"`{c}`" for c in curve.get("commands", [])), "",
-                  "| schedule | recipe | labelled-only | recipe's Dice | gain over labelled-only | p (one-sided, paired) "
-                  "| seeds | iterations |", "|---|---|---|---|---|---|---|---|"]
-        for factor, point in _curve_points(curve):
-            for key in _curve_recipes(point):
-                test = point[f"{key}_vs_labeled-only"]  # both means over the seeds both have
-                baseline = test.get("labeled_only", point.get("labeled-only"))
-                lines.append(f"| x{factor} | {key} | {_fmt(baseline)} | {_fmt(baseline + test['mean_gain'])} | "
-                             f"{_fmt(test['mean_gain'])} | {_fmt(test['p_one_sided'], 3)} | {test['seeds']} | "
-                             f"{point['iterations'][key]} |")
-        organ_rows = [(factor, key, dice, len(point["per_seed_organ_dice"][key]))
-                      for factor, point in _curve_points(curve) for key, dice in point.get("per_organ_dice", {}).items()]
-        if organ_rows:
-            organs = list(organ_rows[0][2])
-            lines += ["", "| schedule | method | " + " | ".join(organs) + " | seeds |",
-                      "|---|---|" + "---|" * len(organs) + "---|"]
-            lines += [f"| x{factor} | {key} | " + " | ".join(_fmt(dice[o]) for o in organs) + f" | {seeds} |"
-                      for factor, key, dice, seeds in organ_rows]
-        for factor, point in _curve_points(curve):
-            if "ltuda_vs_cda" in point:
-                test = point["ltuda_vs_cda"]
-                lines.append(f"\nx{factor}, ltuda against cda: CDA {_fmt(test['cda'])}, mean gain "
-                             f"{_fmt(test['mean_gain'])} over {test['seeds']} paired seeds, one-sided paired t-test "
-                             f"p = {_fmt(test['p_one_sided'], 3)}")
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-def _curve_points(curve: dict) -> list:
-    """(factor, point) of a learning curve, by factor (the other keys record its commands and settings)."""
-    return sorted(((k, v) for k, v in curve.items() if isinstance(v, dict) and k != "settings"),
-                  key=lambda item: float(item[0]))
-
-
-def _curve_recipes(point: dict) -> list:
-    """The methods a learning-curve point compares with labelled-only, the shipped recipe (ltuda) first."""
-    return _ltuda_first(k[:-len("_vs_labeled-only")] for k in point if k.endswith("_vs_labeled-only"))
-
-
-def _ltuda_first(keys) -> list:
-    return sorted(set(keys), key=lambda k: (k != "ltuda", k))
-
-
-def plot(results: dict, path: Path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # optional: the tables carry the same numbers
-        return
-    protocols = [(p, e) for p, e in results.get("protocols", {}).items() if e["methods"]]
-    curves = list(results.get("learning_curve", {}).items())
-    diagnosed = [(p, e["methods"]["ltuda"]["pseudo_label_quality"]) for p, e in protocols
-                 if e["methods"].get("ltuda", {}).get("pseudo_label_quality")]
-    panels = len(protocols) + len(curves) + len(diagnosed)
-    if not panels:
-        return
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.8), squeeze=False)
-    for ax, (protocol, per_seed) in zip(axes[0][len(protocols) + len(curves):], diagnosed):
-        _plot_pseudo_label_quality(ax, protocol, [q for q in per_seed if q])
-    for ax, (protocol, entry) in zip(axes[0], protocols):
-        keys = list(entry["methods"])
-        ax.bar(keys, [entry["methods"][k]["mean_dice"] for k in keys],
-               yerr=[entry["methods"][k]["dice_std"] for k in keys], capsize=4,
-               color=["#d35f3c" if k == "ltuda" else "#888888" for k in keys])
-        ax.set_ylabel("mean 3D Dice (test cases)")
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{protocol}: equal iterations, {len(entry['seeds'])} seeds")
-        plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
-    for ax, (protocol, curve) in zip(axes[0][len(protocols):], curves):
-        factors = [factor for factor, _ in _curve_points(curve)]
-        recipes = _ltuda_first(k for f in factors for k in _curve_recipes(curve[f]))
-        for key, colour in zip(["labeled-only"] + recipes, ["#888888", "#d35f3c", "#3c7dd3", "#5fa35f", "#a35fa3"]):
-            xs = [float(f) for f in factors if key in curve[f]]
-            ax.plot(xs, [curve[f][key] for f in factors if key in curve[f]], "o-", color=colour, label=key)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("schedule (x fast preset)")
-        ax.set_ylabel("mean 3D Dice")
-        ax.set_title(f"learning curve: {protocol}")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_pseudo_label_quality(ax, protocol, per_seed):
-    """The teacher's pseudo-label Dice per organ (on the organs a case does not label) by epoch of LTUDA's
-    run, mean over seeds."""
-    steps = [(d["stage"], d["epoch"]) for d in per_seed[0]]
-    organs = list(per_seed[0][0]["per_organ"]) if per_seed[0] else []
-    xs = list(range(1, len(steps) + 1))
-    for organ in organs:
-        ys = [np.mean([run[i]["per_organ"].get(organ, {}).get("dice", np.nan) for run in per_seed if len(run) > i])
-              for i in range(len(steps))]
-        ax.plot(xs, ys, "o-", markersize=3, label=organ)
-    stage2 = next((i for i, (stage, _) in enumerate(steps, start=1) if stage == 2), None)
-    if stage2:
-        ax.axvline(stage2 - 0.5, color="#bbbbbb", linestyle="--")
-    ax.set_xlabel("epoch (stage 1, then stage 2)")
-    ax.set_ylabel("teacher pseudo-label Dice")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{protocol}: pseudo-labels where they are used")
-    ax.legend(fontsize=8)
 
 
 if __name__ == "__main__":

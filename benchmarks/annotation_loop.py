@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import FIRST_SEED, PHANTOM_SEED, paired_test, score  # noqa: E402  (reused, not copied)
+from accuracy import FIRST_SEED, PHANTOM_SEED, score  # noqa: E402  (reused, not copied)
+from accuracy_stats import paired_test  # noqa: E402
 
 ORGANS = ("liver", "spleen", "kidney", "pancreas")
 SCORE_NAMES = ("entropy", "heads", "shift", "error")
