@@ -1,5 +1,6 @@
 """The accuracy benchmark's report: accuracy.md from accuracy.json (tables, paired tests, the teacher's
 pseudo-label diagnostics, the learning curve) and accuracy.png."""
+
 from pathlib import Path
 
 import numpy as np

@@ -1,5 +1,6 @@
 """Statistics of the accuracy benchmark: a method's summary over seeds, the learning-curve points, and the
 one-sided paired t-tests that compare methods over the seeds both have."""
+
 import numpy as np
 
 
