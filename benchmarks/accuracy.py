@@ -96,6 +96,8 @@ METHODS = {
     "cda-pseudo-labels-off": ("cda", "partial", {"pseudo_gate": 0.999, "gate_cases": "held-out"}),
     # the fast recipe with its pseudo-labels in stage 1 only: stage 2 trains on the labelled organs alone
     "ltuda-stage1-pseudo-labels": ("ltuda", "partial", {"stage2_pseudo_labels": False}),
+    # the fast recipe with the cases that label nothing added beside the batch, not drawn into its places
+    "ltuda-unlabelled-added": ("ltuda", "partial", {"unlabelled_slices": "added"}),
 }
 DEFAULT_METHODS = ("fully-supervised", "labeled-only", "naive", "marginal-exclusion", "cda", "ltuda", "oracle")
 PROTOCOLS = ("toy", "multi-site")

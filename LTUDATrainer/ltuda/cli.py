@@ -117,6 +117,9 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage2-pseudo-labels", action=argparse.BooleanOptionalAction, default=None,
                        help="stage 2 trains on the unlabelled organs' pseudo-labels (paper); --no-stage2-pseudo-labels: "
                             "on the labelled organs alone, the pseudo-labels used in stage 1 only")
+    train.add_argument("--unlabelled-slices", choices=("in-batch", "added"), default=None,
+                       help="cases that label no organ: in-batch (default), one more dataset taking batch places "
+                            "in turn; added: extra slices after the labelled ones, every labelled set in every batch")
     train.add_argument("--lr-schedule", choices=("per-stage", "whole-run"), default=None,
                        help="per-stage: each stage restarts the poly decay (paper); whole-run: one decay over all "
                             "stages, the optimiser carried into stage 2 (short runs)")
@@ -347,7 +350,7 @@ TRAIN_SETTINGS = (
     "ema_decay", "pseudo_rampup_epochs", "warmup_epochs", "pseudo_uncertain_below", "pseudo_confident_above",
     "pseudo_gate", "pseudo_dice", "pseudo_dice_gate", "gate_cases", "pbce_scaling",
     "dice_weight", "optimizer", "prototypes", "prototype_momentum", "strong_views", "val_fraction", "seed", "network",
-    "stage2_start", "stage2_pseudo_labels", "teacher_prototypes", "lr_schedule")
+    "stage2_start", "stage2_pseudo_labels", "teacher_prototypes", "lr_schedule", "unlabelled_slices")
 
 
 def _config_from_args(args):

@@ -20,7 +20,7 @@ class SlicePool:
         """full_labels: optional, per case, the prepared case with every organ labelled; a batch then
         carries them as a fourth tensor (for the oracle benchmark row, never as training labels)."""
         images, labels, labeled, groups, full = [], [], [], [], []
-        group_of = {}
+        group_of = {}  # the organs a partial dataset labels -> its index
         for i, case in enumerate(prepared_cases):
             start, stop = foreground_slice_range(np.asarray(case.labels))
             images.append(torch.from_numpy(np.array(case.image[start:stop])))
@@ -39,6 +39,8 @@ class SlicePool:
         self.full_labels = torch.cat(full).to(device) if full_labels is not None else None
         group_index = torch.cat(groups)
         self.members = [torch.nonzero(group_index == g).flatten() for g in range(len(group_of))]
+        self.labelling = [g for key, g in group_of.items() if key]  # datasets that label some organ
+        self.unlabelled = [g for key, g in group_of.items() if not key]  # at most one: the cases labelling nothing
         self.device = device
 
     def __len__(self):
@@ -48,9 +50,16 @@ class SlicePool:
     def num_datasets(self) -> int:
         return len(self.members)
 
-    def batch(self, size: int, generator: torch.Generator):
-        order = torch.randperm(self.num_datasets, generator=generator)
-        chosen = [order[i % self.num_datasets] for i in range(size)]
+    def batch(self, size: int, generator: torch.Generator, unlabelled: str = "in-batch"):
+        """`size` slices from the datasets in turn. unlabelled="added": the cases that label nothing take
+        none of those places and add as many slices as one labelled dataset gets, after them; otherwise
+        ("in-batch") they are one more dataset in the turn, and take places the labelled sets would get."""
+        if unlabelled == "added" and self.unlabelled and self.labelling:
+            chosen = self._in_turn(self.labelling, size, generator)
+            chosen += self._in_turn(self.unlabelled, max(1, size // len(self.labelling)), generator)
+        else:
+            order = torch.randperm(self.num_datasets, generator=generator)
+            chosen = [order[i % self.num_datasets] for i in range(size)]
         index = torch.stack([
             self.members[g][torch.randint(len(self.members[g]), (1,), generator=generator)][0] for g in chosen
         ]).to(self.device)
@@ -58,3 +67,8 @@ class SlicePool:
         if self.full_labels is not None:
             batch += (self.full_labels[index].long(),)
         return batch
+
+    @staticmethod
+    def _in_turn(datasets: list, count: int, generator: torch.Generator) -> list:
+        order = torch.randperm(len(datasets), generator=generator)
+        return [datasets[order[i % len(datasets)]] for i in range(count)]

@@ -323,14 +323,14 @@ class Trainer:
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     self.student.train()
-                    losses, epoch_started = [], time.time()
+                    losses, images, epoch_started = [], 0, time.time()
                     first_iter = start_iter if (stage_index == start_stage and epoch == first_epoch) else 0
                     for iteration in range(first_iter, iters):
                         if self._stop_agreed():
                             if self.leader:
                                 self._save_last(stage_index, epoch, iteration * world)
                             raise StopRequested()
-                        batch = self.pool.batch(cfg.batch_size, self.generator)
+                        batch = self.pool.batch(cfg.batch_size, self.generator, cfg.unlabelled_slices)
                         ctx.pseudo_weight = pseudo_rampup(epoch - cfg.warmup_epochs + iteration / iters,
                                                           cfg.pseudo_rampup_epochs)
                         if stage == 0 or (stage == 1 and epoch < cfg.warmup_epochs):
@@ -349,12 +349,13 @@ class Trainer:
                         steps_this_run += 1
                         self._ema_update(global_step)
                         losses.append(loss.item())
+                        images += batch[0].shape[0]
                     seconds = time.time() - epoch_started
                     rate = (time.time() - run_started) / max(1, steps_this_run)
                     self.report.emit(
                         "epoch", stage=stage, epoch=epoch + 1, epochs=cfg.epochs(stage),
                         loss=float(np.mean(losses)) if losses else float("nan"), lr=lr,
-                        images_per_s=len(losses) * cfg.batch_size * world / max(seconds, 1e-9),
+                        images_per_s=images * world / max(seconds, 1e-9),
                         eta_s=rate * (total - global_step), progress=global_step / total,
                         **self._gate_status(ctx, stage),
                     )
