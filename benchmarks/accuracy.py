@@ -98,6 +98,9 @@ METHODS = {
     "ltuda-stage1-pseudo-labels": ("ltuda", "partial", {"stage2_pseudo_labels": False}),
     # the fast recipe with the cases that label nothing added beside the batch, not drawn into its places
     "ltuda-unlabelled-added": ("ltuda", "partial", {"unlabelled_slices": "added"}),
+    # diagnostic: cda-pseudo-labels-off with them added: the strong views without the batch places they took
+    "cda-pseudo-labels-off-added": ("cda", "partial", {"pseudo_gate": 0.999, "gate_cases": "held-out",
+                                                       "unlabelled_slices": "added"}),
 }
 DEFAULT_METHODS = ("fully-supervised", "labeled-only", "naive", "marginal-exclusion", "cda", "ltuda", "oracle")
 PROTOCOLS = ("toy", "multi-site")
