@@ -243,6 +243,32 @@ def test_a_protocol_tests_the_pseudo_labels_and_stage_2_against_the_rows_that_le
     assert "per_organ" not in tests["ltuda_vs_labeled-only"]  # rows saved without each seed's organs
 
 
+def test_rerender_adds_the_tests_of_pairs_added_after_the_rows_were_run(tmp_path):
+    stats = _benchmark_module("accuracy_stats")
+    runs = lambda *dice: [{"mean_dice": d, "per_organ_dice": {"liver": d}, "mean_hd95_mm": 5.0,  # noqa: E731
+                           "per_organ_hd95_mm": {"liver": 4.0}, "train_seconds": 1.0, "iterations": 880} for d in dice]
+    methods = {"labeled-only": stats.summarise_seeds(runs(0.60, 0.58, 0.62)),
+               "ltuda-unlabelled-added": stats.summarise_seeds(runs(0.63, 0.62, 0.64))}
+    for row in methods.values():
+        row.update(seeds_done=[43, 44, 45], packages="torch 1", command="c")
+    entry = {"preset": "fast", "seeds": [43, 44, 45], "settings": {}, "methods": methods, "commands": ["c"],
+             "machine": {}, "complete": True, "paired_tests": {"stale_vs_labeled-only": {}}}
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "accuracy.json").write_text(json.dumps({"protocols": {"multi-site": entry}}))
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "accuracy.py"), "--rerender", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((out / "accuracy.json").read_text())["protocols"]["multi-site"]
+    assert set(saved["paired_tests"]) == {"ltuda-unlabelled-added_vs_labeled-only"}  # the stale one is gone
+    assert saved["paired_tests"]["ltuda-unlabelled-added_vs_labeled-only"]["mean_gain"] == pytest.approx(0.03)
+    assert saved["methods"] == json.loads(json.dumps(methods))  # the rows themselves are untouched
+    assert "ltuda-unlabelled-added vs labeled-only: mean gain 0.030" in (out / "accuracy.md").read_text()
+    missing = subprocess.run([sys.executable, str(BENCHMARKS / "accuracy.py"), "--rerender", "--out",
+                              str(tmp_path / "none")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "no results in" in missing.stderr and "Traceback" not in missing.stderr
+
+
 def test_a_protocol_tests_each_organ_over_the_seeds_both_rows_have():
     stats = _benchmark_module("accuracy_stats")
     report = _benchmark_module("accuracy_report")

@@ -395,6 +395,30 @@ def run_tasks(tasks, jobs: int, on_result) -> list:
     return failed
 
 
+def write_results(out: Path, results: dict):
+    """accuracy.json (replaced in one step, so a reader never sees half a file) and accuracy.md."""
+    tmp = out / "accuracy.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    os.replace(tmp, out / "accuracy.json")
+    (out / "accuracy.md").write_text(render_markdown(results))
+
+
+def rerender(out: Path) -> dict:
+    """Every protocol's paired tests computed again from its rows (after PROTOCOL_PAIRS gained a pair), and
+    the report written again; trains and scores nothing."""
+    with open(out / ".accuracy.lock", "w") as lock:  # a running benchmark may be saving the same file
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads((out / "accuracy.json").read_text())
+        for entry in results.get("protocols", {}).values():
+            entry.pop("paired_tests", None)
+            tests = protocol_paired_tests(entry["methods"])
+            if tests:
+                entry["paired_tests"] = tests
+        write_results(out, results)
+    plot(results, out / "accuracy.png")
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocol", choices=PROTOCOLS, default="toy")
@@ -421,7 +445,16 @@ def main(argv=None):
                              "in results/dev and scratch in work/accuracy-dev, apart from the reported benchmark")
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results, or results/dev)")
     parser.add_argument("--work", default=None, help="scratch folder (default: benchmarks/work/accuracy[-dev])")
+    parser.add_argument("--rerender", action="store_true",
+                        help="train nothing: compute the paired tests of the results in --out again and rewrite "
+                             "its report (after a pair was added to accuracy_stats.PROTOCOL_PAIRS)")
     args = parser.parse_args(argv)
+    if args.rerender:
+        out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / ("dev" if args.dev else "")
+        if not (out / "accuracy.json").is_file():
+            parser.error(f"--rerender: no results in {out / 'accuracy.json'}; give the folder with --out")
+        print(render_markdown(rerender(out)))
+        return
     requested = args.methods.split(",")
     unknown = [key for key in requested if key not in METHODS]
     if unknown or not requested:
@@ -542,10 +575,7 @@ def main(argv=None):
             if entry.get("site_gap"):
                 entry["site_gap_labeled_only"] = entry["site_gap"]["gap"]
             results["protocols"][protocol_key] = entry
-        tmp = results_path.with_name("accuracy.json.tmp")
-        tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
-        os.replace(tmp, results_path)
-        (out / "accuracy.md").write_text(render_markdown(results))
+        write_results(out, results)
         return results
 
     failed = run_tasks(tasks, args.jobs, record)
