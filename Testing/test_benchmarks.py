@@ -248,7 +248,7 @@ def test_rerender_adds_the_tests_of_pairs_added_after_the_rows_were_run(tmp_path
     runs = lambda *dice: [{"mean_dice": d, "per_organ_dice": {"liver": d}, "mean_hd95_mm": 5.0,  # noqa: E731
                            "per_organ_hd95_mm": {"liver": 4.0}, "train_seconds": 1.0, "iterations": 880} for d in dice]
     methods = {"labeled-only": stats.summarise_seeds(runs(0.60, 0.58, 0.62)),
-               "ltuda-unlabelled-added": stats.summarise_seeds(runs(0.63, 0.62, 0.64))}
+               "ltuda-in-batch": stats.summarise_seeds(runs(0.63, 0.62, 0.64))}
     for row in methods.values():
         row.update(seeds_done=[43, 44, 45], packages="torch 1", command="c")
     entry = {"preset": "fast", "seeds": [43, 44, 45], "settings": {}, "methods": methods, "commands": ["c"],
@@ -260,10 +260,10 @@ def test_rerender_adds_the_tests_of_pairs_added_after_the_rows_were_run(tmp_path
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     saved = json.loads((out / "accuracy.json").read_text())["protocols"]["multi-site"]
-    assert set(saved["paired_tests"]) == {"ltuda-unlabelled-added_vs_labeled-only"}  # the stale one is gone
-    assert saved["paired_tests"]["ltuda-unlabelled-added_vs_labeled-only"]["mean_gain"] == pytest.approx(0.03)
+    assert set(saved["paired_tests"]) == {"ltuda-in-batch_vs_labeled-only"}  # the stale one is gone
+    assert saved["paired_tests"]["ltuda-in-batch_vs_labeled-only"]["mean_gain"] == pytest.approx(0.03)
     assert saved["methods"] == json.loads(json.dumps(methods))  # the rows themselves are untouched
-    assert "ltuda-unlabelled-added vs labeled-only: mean gain 0.030" in (out / "accuracy.md").read_text()
+    assert "ltuda-in-batch vs labeled-only: mean gain 0.030" in (out / "accuracy.md").read_text()
     missing = subprocess.run([sys.executable, str(BENCHMARKS / "accuracy.py"), "--rerender", "--out",
                               str(tmp_path / "none")], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no results in" in missing.stderr and "Traceback" not in missing.stderr
@@ -363,6 +363,11 @@ def test_a_setting_added_later_at_its_default_keeps_finished_runs(tmp_path):
     # set away from its default, the new setting makes it a different run
     changed = make_config("fast", method="ltuda", seed=43, pseudo_gate=0.7)
     assert accuracy._with_new_fields(recorded, changed) != recorded
+    # a setting whose default moved after it was added: a run that lacks it was trained the earlier way
+    del recorded["unlabelled_slices"]
+    assert accuracy._with_new_fields(recorded, make_config("fast", method="ltuda", seed=43,
+                                                           unlabelled_slices="in-batch")) == recorded
+    assert accuracy._with_new_fields(recorded, make_config("fast", method="ltuda", seed=43)) != recorded
 
 
 def test_a_run_stopped_part_way_resumes_and_ends_as_if_never_stopped(tiny_dataset, tmp_path, monkeypatch):

@@ -65,7 +65,7 @@ def _datasets(batch) -> list:
 
 def test_in_batch_unlabelled_slices_take_places_of_labelled_sites():
     pool, generator = _pool(2), torch.Generator().manual_seed(0)
-    drawn = [_datasets(pool.batch(4, generator)) for _ in range(200)]
+    drawn = [_datasets(pool.batch(4, generator, "in-batch")) for _ in range(200)]
     assert all(len(set(d)) == 4 for d in drawn)  # 4 of the 5 datasets, each once
     with_unlabelled = sum(4 in d for d in drawn)
     assert 130 <= with_unlabelled <= 190  # in 4 batches out of 5, each time in a labelled site's place
@@ -87,15 +87,16 @@ def test_without_unlabelled_cases_added_is_the_same_draw_as_in_batch():
     pool = _pool(0)
     first, second = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     for _ in range(10):
-        assert torch.equal(pool.batch(4, first)[0], pool.batch(4, second, "added")[0])
+        assert torch.equal(pool.batch(4, first, "in-batch")[0], pool.batch(4, second, "added")[0])
 
 
-def test_training_with_added_unlabelled_slices_records_the_setting(dataset, tmp_path):
-    out = tmp_path / "added"
-    run_ltuda("train", "--dataset", dataset, "--out", out, "--method", "cda", *TINY_TRAIN_ARGS,
-              "--unlabelled-slices", "added", "--progress", "none")
+@pytest.mark.parametrize("flag, recorded", [([], "added"), (["--unlabelled-slices", "in-batch"], "in-batch")])
+def test_training_records_where_the_unlabelled_slices_went(dataset, tmp_path, flag, recorded):
+    out = tmp_path / "model"
+    run_ltuda("train", "--dataset", dataset, "--out", out, "--method", "cda", *TINY_TRAIN_ARGS, *flag,
+              "--progress", "none")
     training = json.loads((out / "model.json").read_text())["training"]
-    assert training["config"]["unlabelled_slices"] == "added" and training["cases"]["unlabelled"] == 2
+    assert training["config"]["unlabelled_slices"] == recorded and training["cases"]["unlabelled"] == 2
     wrong = run_ltuda("train", "--dataset", dataset, "--out", tmp_path / "wrong", "--unlabelled-slices", "extra",
                       check=False)
     assert wrong.returncode != 0 and "--unlabelled-slices" in wrong.stderr and "Traceback" not in wrong.stderr

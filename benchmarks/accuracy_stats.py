@@ -91,10 +91,9 @@ PROTOCOL_PAIRS = (("ltuda", "labeled-only"), ("ltuda", "cda"), ("cda", "labeled-
                   # candidate 8: pseudo-labels in stage 1 only, against both baselines, LTUDA and CDA (stage 1 alone)
                   ("ltuda-stage1-pseudo-labels", "labeled-only"), ("ltuda-stage1-pseudo-labels", "ltuda"),
                   ("ltuda-stage1-pseudo-labels", "cda"),
-                  # candidate 9: the unlabelled scans' slices added beside the batch (multi-site), and its diagnostic
-                  ("ltuda-unlabelled-added", "labeled-only"), ("ltuda-unlabelled-added", "ltuda"),
-                  ("cda-pseudo-labels-off-added", "labeled-only"),
-                  ("cda-pseudo-labels-off-added", "cda-pseudo-labels-off"))
+                  # multi-site: the unlabelled scans beside the batch (the default since 2026-12-04) against in its places
+                  ("ltuda", "ltuda-in-batch"), ("cda-pseudo-labels-off", "cda-pseudo-labels-off-in-batch"),
+                  ("ltuda-in-batch", "labeled-only"), ("cda-pseudo-labels-off-in-batch", "labeled-only"))
 
 
 def protocol_paired_tests(methods: dict) -> dict:

@@ -118,8 +118,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="stage 2 trains on the unlabelled organs' pseudo-labels (paper); --no-stage2-pseudo-labels: "
                             "on the labelled organs alone, the pseudo-labels used in stage 1 only")
     train.add_argument("--unlabelled-slices", choices=("in-batch", "added"), default=None,
-                       help="cases that label no organ: in-batch (default), one more dataset taking batch places "
-                            "in turn; added: extra slices after the labelled ones, every labelled set in every batch")
+                       help="cases that label no organ: added (default), extra slices after the labelled ones, so "
+                            "every labelled set is in every batch; in-batch: one more dataset taking batch places in "
+                            "turn (before 2026-12-04)")
     train.add_argument("--lr-schedule", choices=("per-stage", "whole-run"), default=None,
                        help="per-stage: each stage restarts the poly decay (paper); whole-run: one decay over all "
                             "stages, the optimiser carried into stage 2 (short runs)")

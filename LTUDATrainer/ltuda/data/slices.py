@@ -50,10 +50,11 @@ class SlicePool:
     def num_datasets(self) -> int:
         return len(self.members)
 
-    def batch(self, size: int, generator: torch.Generator, unlabelled: str = "in-batch"):
+    def batch(self, size: int, generator: torch.Generator, unlabelled: str = "added"):
         """`size` slices from the datasets in turn. unlabelled="added": the cases that label nothing take
-        none of those places and add as many slices as one labelled dataset gets, after them; otherwise
-        ("in-batch") they are one more dataset in the turn, and take places the labelled sets would get."""
+        none of those places and add as many slices as one labelled dataset gets, after them; "in-batch":
+        they are one more dataset in the turn, and take places the labelled sets would get. Without such
+        cases both are the same draw."""
         if unlabelled == "added" and self.unlabelled and self.labelling:
             chosen = self._in_turn(self.labelling, size, generator)
             chosen += self._in_turn(self.unlabelled, max(1, size // len(self.labelling)), generator)

@@ -58,10 +58,11 @@ class TrainConfig:
     # Stage 2 trains on the unlabelled organs' pseudo-labels (the paper), or on the labels alone (False):
     # at small compute stage 2's pseudo-labels cost what stage 1's gain (benchmarks/results/strong-views).
     stage2_pseudo_labels: bool = True
-    # Cases that label no organ (a hospital's own unlabelled scans): "in-batch", one more partial dataset in
-    # the batch's turn, taking places the labelled sets would get; or "added", extra slices after the
-    # batch_size labelled ones (as many as one labelled dataset gets), so every labelled set stays in every batch.
-    unlabelled_slices: str = "in-batch"
+    # Cases that label no organ (a hospital's own unlabelled scans): "added", extra slices after the batch_size
+    # labelled ones (as many as one labelled dataset gets), so every labelled set stays in every batch; or
+    # "in-batch", one more partial dataset in the batch's turn, taking places the labelled sets would get
+    # (before 2026-12-04; 0.038 behind on development data, benchmarks/results/recipe-choice-dev.md).
+    unlabelled_slices: str = "added"
     # Where the organ gates (pseudo_gate, pseudo_dice_gate) judge the teacher: "training", its running
     # Dice on the training batches that label the organ, or "held-out", its Dice on the validation cases
     # at each validation (cases neither it nor the student trains on).
