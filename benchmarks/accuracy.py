@@ -100,14 +100,11 @@ METHODS = {
     "cda-pseudo-labels-off": ("cda", "partial", {"pseudo_gate": 0.999, "gate_cases": "held-out"}),
     # the fast recipe with its pseudo-labels in stage 1 only: stage 2 trains on the labelled organs alone
     "ltuda-stage1-pseudo-labels": ("ltuda", "partial", {"stage2_pseudo_labels": False}),
-    # the multi-site rows measured with the unlabelled scans in the batch's places (see IN_BATCH)
-    "ltuda-in-batch": ("ltuda", "partial", IN_BATCH),
-    "cda-in-batch": ("cda", "partial", IN_BATCH),
-    "ltuda-pseudo-labels-off-in-batch": ("ltuda", "partial", {"pseudo_gate": 0.999, "gate_cases": "held-out",
-                                                              **IN_BATCH}),
-    "cda-pseudo-labels-off-in-batch": ("cda", "partial", {"pseudo_gate": 0.999, "gate_cases": "held-out", **IN_BATCH}),
-    "ltuda-stage1-pseudo-labels-in-batch": ("ltuda", "partial", {"stage2_pseudo_labels": False, **IN_BATCH}),
 }
+# the multi-site rows measured with the unlabelled scans in the batch's places (see IN_BATCH)
+METHODS.update({f"{key}-in-batch": (METHODS[key][0], METHODS[key][1], {**METHODS[key][2], **IN_BATCH})
+                for key in ("ltuda", "cda", "ltuda-pseudo-labels-off", "cda-pseudo-labels-off",
+                            "ltuda-stage1-pseudo-labels")})
 DEFAULT_METHODS = ("fully-supervised", "labeled-only", "naive", "marginal-exclusion", "cda", "ltuda", "oracle")
 PROTOCOLS = ("toy", "multi-site")
 PHANTOM_SEED = 1000
@@ -460,8 +457,9 @@ def main(argv=None):
                         help="train nothing: compute the paired tests of the results in --out again and rewrite "
                              "its report (after a pair was added to accuracy_stats.PROTOCOL_PAIRS)")
     args = parser.parse_args(argv)
+    here = Path(__file__).resolve().parent
+    out = Path(args.out) if args.out else here / "results" / ("dev" if args.dev else "")
     if args.rerender:
-        out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / ("dev" if args.dev else "")
         if not (out / "accuracy.json").is_file():
             parser.error(f"--rerender: no results in {out / 'accuracy.json'}; give the folder with --out")
         print(render_markdown(rerender(out)))
@@ -482,8 +480,6 @@ def main(argv=None):
         requested = ["labeled-only"] + [key for key in chosen if key != "labeled-only"]
     if args.cases_per_site is not None and (args.cases_per_site < 3 or factors or args.site_gap):
         parser.error("--cases-per-site: a whole number of at least 3, without --learning-curve or --site-gap")
-    here = Path(__file__).resolve().parent
-    out = Path(args.out) if args.out else here / "results" / ("dev" if args.dev else "")
     work = Path(args.work) if args.work else here / "work" / ("accuracy-dev" if args.dev else "accuracy")
     out.mkdir(parents=True, exist_ok=True)
     overrides = {}

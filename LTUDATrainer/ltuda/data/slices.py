@@ -59,8 +59,7 @@ class SlicePool:
             chosen = self._in_turn(self.labelling, size, generator)
             chosen += self._in_turn(self.unlabelled, max(1, size // len(self.labelling)), generator)
         else:
-            order = torch.randperm(self.num_datasets, generator=generator)
-            chosen = [order[i % self.num_datasets] for i in range(size)]
+            chosen = self._in_turn(range(self.num_datasets), size, generator)
         index = torch.stack([
             self.members[g][torch.randint(len(self.members[g]), (1,), generator=generator)][0] for g in chosen
         ]).to(self.device)
@@ -70,6 +69,7 @@ class SlicePool:
         return batch
 
     @staticmethod
-    def _in_turn(datasets: list, count: int, generator: torch.Generator) -> list:
+    def _in_turn(datasets, count: int, generator: torch.Generator) -> list:
+        """`count` of `datasets`, each once in a random order, then again in that order."""
         order = torch.randperm(len(datasets), generator=generator)
         return [datasets[order[i % len(datasets)]] for i in range(count)]
