@@ -100,6 +100,10 @@ METHODS = {
     "cda-pseudo-labels-off": ("cda", "partial", {"pseudo_gate": 0.999, "gate_cases": "held-out"}),
     # the fast recipe with its pseudo-labels in stage 1 only: stage 2 trains on the labelled organs alone
     "ltuda-stage1-pseudo-labels": ("ltuda", "partial", {"stage2_pseudo_labels": False}),
+    # candidate 10: half of the views only the student sees get a random intensity curve (a contrast phase the
+    # labels never show); labelled-only gets it on its one view, so the two compare at equal augmentation
+    "ltuda-intensity-remap": ("ltuda", "partial", {"intensity_remap": 0.5}),
+    "labeled-only-intensity-remap": ("labeled-only", "partial", {"intensity_remap": 0.5}),
 }
 # the multi-site rows measured with the unlabelled scans in the batch's places (see IN_BATCH)
 METHODS.update({f"{key}-in-batch": (METHODS[key][0], METHODS[key][1], {**METHODS[key][2], **IN_BATCH})

@@ -93,7 +93,10 @@ PROTOCOL_PAIRS = (("ltuda", "labeled-only"), ("ltuda", "cda"), ("cda", "labeled-
                   ("ltuda-stage1-pseudo-labels", "cda"),
                   # multi-site: the unlabelled scans beside the batch (the default since 2026-12-04) against in its places
                   ("ltuda", "ltuda-in-batch"), ("cda-pseudo-labels-off", "cda-pseudo-labels-off-in-batch"),
-                  ("ltuda-in-batch", "labeled-only"), ("cda-pseudo-labels-off-in-batch", "labeled-only"))
+                  ("ltuda-in-batch", "labeled-only"), ("cda-pseudo-labels-off-in-batch", "labeled-only"),
+                  # candidate 10: a random intensity curve on the student's views, for LTUDA and labelled-only alike
+                  ("ltuda-intensity-remap", "labeled-only-intensity-remap"), ("ltuda-intensity-remap", "ltuda"),
+                  ("labeled-only-intensity-remap", "labeled-only"), ("ltuda-intensity-remap", "labeled-only"))
 
 
 def protocol_paired_tests(methods: dict) -> dict:

@@ -3,6 +3,7 @@
 Weak view: random scaling (0.75-1.25, p=0.5) and rotation (+-30 deg, p=0.5), the same transform for
 image and labels. Strong views: CutMix across the batch, a box of sample (i+1) mod B pasted into
 sample i at the same place, applied alike to images, partial targets and pseudo-labels.
+Intensity remap (optional): a random intensity curve on the views only the student sees.
 """
 
 import math
@@ -66,3 +67,39 @@ def cutmix(tensor: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     neighbour = torch.roll(tensor, shifts=-1, dims=0)
     mask = boxes if tensor.dim() == 3 else boxes[:, None]
     return torch.where(mask, neighbour, tensor)
+
+
+@dataclass
+class IntensityRemap:
+    """A random intensity curve per image, applied with probability `prob`; labels are untouched.
+
+    Contrast phases change organs' intensities by different amounts, and their order too (a kidney is
+    brighter than the liver in portal-venous scans and darker in native ones), so no monotone map (such
+    as MONAI's RandHistogramShift) turns one phase into another. The curve is piecewise linear over
+    [-1, 1] with `segments` equal segments and random knot values in [-1, 1], so it may reorder tissues;
+    air (-1) stays air; the result is blended with the image by a random weight in [0, 1], from no change
+    to the whole curve. Outside `prob` the image is returned as it is.
+    """
+
+    prob: float = 0.0
+    segments: int = 8
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """images [B, 1, H, W] in [-1, 1] -> remapped images, same shape and range."""
+        if self.prob <= 0:
+            return images
+        b = images.shape[0]
+        chosen = torch.rand(b, generator=generator) < self.prob
+        knots = torch.rand(b, self.segments + 1, generator=generator) * 2 - 1
+        knots[:, 0] = -1.0  # air stays air
+        blend = torch.rand(b, generator=generator) * chosen
+        knots, blend = knots.to(images.device, images.dtype), blend.to(images.device, images.dtype)
+        position = (images.clamp(-1, 1) + 1) / 2 * self.segments  # [0, segments]
+        left = position.floor().clamp(max=self.segments - 1)
+        fraction = position - left
+        flat = left.long().flatten(1)
+        low = knots.gather(1, flat).view_as(images)
+        high = knots.gather(1, flat + 1).view_as(images)
+        curve = low + fraction * (high - low)
+        weight = blend.view(b, *([1] * (images.dim() - 1)))
+        return images + weight * (curve - images)

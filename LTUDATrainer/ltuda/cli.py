@@ -94,6 +94,9 @@ def _build_parser() -> argparse.ArgumentParser:
         ("--prototypes", int, "prototypes per class (M)"),
         ("--prototype-momentum", float, "momentum of prototype updates"),
         ("--strong-views", int, "CutMix strong views per sample (K)"),
+        ("--intensity-remap", float,
+         "share of the student's views (strong views; a baseline's one view) given a random intensity curve, so "
+         "organs are learnt across contrast phases; the teacher's view stays as scanned (0: off, the paper)"),
         ("--val-fraction", float, "share of training cases held out for validation when the manifest has no 'val' cases"),
         ("--seed", int, "random seed"),
     ]:
@@ -351,7 +354,8 @@ TRAIN_SETTINGS = (
     "ema_decay", "pseudo_rampup_epochs", "warmup_epochs", "pseudo_uncertain_below", "pseudo_confident_above",
     "pseudo_gate", "pseudo_dice", "pseudo_dice_gate", "gate_cases", "pbce_scaling",
     "dice_weight", "optimizer", "prototypes", "prototype_momentum", "strong_views", "val_fraction", "seed", "network",
-    "stage2_start", "stage2_pseudo_labels", "teacher_prototypes", "lr_schedule", "unlabelled_slices")
+    "stage2_start", "stage2_pseudo_labels", "teacher_prototypes", "lr_schedule", "unlabelled_slices",
+    "intensity_remap")
 
 
 def _config_from_args(args):
@@ -371,6 +375,9 @@ def _check_config(config):
     if not 0.0 <= config.pseudo_uncertain_below <= 0.5:
         raise LtudaError(f"--pseudo-uncertain-below {config.pseudo_uncertain_below} is outside [0, 0.5]",
                          fix="Use 0.5 for the paper's rule, or e.g. 0.2 to ignore unsure teacher pixels.")
+    if not 0.0 <= config.intensity_remap <= 1.0:
+        raise LtudaError(f"--intensity-remap {config.intensity_remap} is outside [0, 1]",
+                         fix="Use 0 (off) or a share of views such as 0.5.")
     if not 0.5 <= config.pseudo_confident_above < 1.0:
         raise LtudaError(f"--pseudo-confident-above {config.pseudo_confident_above} is outside [0.5, 1)",
                          fix="Use 0.5 for the paper's rule, or e.g. 0.9 to train only on confident teacher positives.")

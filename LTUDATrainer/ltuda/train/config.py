@@ -63,6 +63,10 @@ class TrainConfig:
     # "in-batch", one more partial dataset in the batch's turn, taking places the labelled sets would get
     # (before 2026-12-04; 0.038 behind on development data, benchmarks/results/recipe-choice-dev.md).
     unlabelled_slices: str = "added"
+    # Share of the images only the student sees (LTUDA's and CDA's strong views; a baseline's one view)
+    # that get a random intensity curve (augment.IntensityRemap), so organs are found across contrast
+    # phases; the teacher's weak view stays as scanned (0 = off, the paper).
+    intensity_remap: float = 0.0
     # Where the organ gates (pseudo_gate, pseudo_dice_gate) judge the teacher: "training", its running
     # Dice on the training batches that label the organ, or "held-out", its Dice on the validation cases
     # at each validation (cases neither it nor the student trains on).

@@ -6,7 +6,7 @@ same backbone features: the reference code recomputes the backbone per head and 
 
 import torch
 
-from ..augment import WeakAugment, cutmix, cutmix_boxes
+from ..augment import IntensityRemap, WeakAugment, cutmix, cutmix_boxes
 from ..losses import IGNORE, marginal_exclusion_loss, onehot_target, partial_seg_loss, partial_target, prototype_loss
 from ..model.network import linear_hard_label
 from ..model.prototypes import momentum_update, sinkhorn_assign
@@ -15,7 +15,7 @@ from .gate import OrganGate
 
 
 class StepContext:
-    """What every step needs: the settings, the weak augmentation and the random generator."""
+    """What every step needs: the settings, the augmentations and the random generator."""
 
     def __init__(self, config: TrainConfig, num_classes: int, generator: torch.Generator, autocast):
         self.config = config
@@ -23,6 +23,7 @@ class StepContext:
         self.generator = generator
         self.autocast = autocast
         self.weak = WeakAugment(scale_range=config.scale_range, rotation_deg=config.rotation_deg)
+        self.remap = IntensityRemap(prob=config.intensity_remap)
         self.pseudo_weight = 1.0  # set by the trainer during the stage-1 ramp-up
         self.gate = OrganGate(num_classes, config.pseudo_gate, dice_threshold=config.pseudo_dice_gate,
                               held_out=config.gate_cases == "held-out")
@@ -50,6 +51,7 @@ def supervised_step(ctx: StepContext, student, batch) -> torch.Tensor:
     """Baselines on the weak view: labelled-only pBCE, naive union, or marginal + exclusion."""
     images, labels, labeled = batch[:3]
     images, labels = ctx.weak(images, labels, ctx.generator)
+    images = ctx.remap(images, ctx.generator)  # no teacher here: the one view is the student's
     method = ctx.config.method
     if method == "naive":  # every unlabelled organ is taken as background
         labeled = torch.ones_like(labeled)
@@ -106,7 +108,9 @@ def _strong_views(ctx, images, partial, pseudo, pseudo_target, labels, dice_targ
     for _ in range(ctx.config.strong_views):
         boxes = cutmix_boxes(b, h, w, ctx.generator, images.device, area_range=ctx.config.cutmix_area)
         tensors = (images, partial, pseudo, pseudo_target, labels, dice_target)
-        views.append(tuple(None if t is None else cutmix(t, boxes) for t in tensors))
+        view = [None if t is None else cutmix(t, boxes) for t in tensors]
+        view[0] = ctx.remap(view[0], ctx.generator)  # the teacher labelled the scan as it was
+        views.append(tuple(view))
     return views
 
 
