@@ -88,6 +88,17 @@ def test_ltuda_remaps_the_strong_views_only():
     assert as_scanned[1.0] < 0.05  # every strong view is remapped (a blend weight of 0 is measure-zero)
 
 
+def test_ltuda_can_remap_the_students_weak_view_instead():
+    student, teacher = _Recorder(), _Recorder()
+    context = _context("ltuda", 1.0)
+    context.config.intensity_remap_views = "weak"
+    images = _batch()
+    ltuda_step(context, student, teacher, images, stage=1)
+    weak, strong = student.seen[0][:4], student.seen[0][4:]
+    assert not torch.isclose(weak, teacher.seen[0]).any()  # the student's copy is remapped, the teacher's is not
+    assert (strong == teacher.seen[0].repeat(2, 1, 1, 1)).float().mean().item() > 0.5  # strong views as scanned
+
+
 def test_labelled_only_remaps_its_one_view():
     seen = {}
     for remap in (0.0, 1.0):

@@ -104,6 +104,9 @@ METHODS = {
     # labels never show); labelled-only gets it on its one view, so the two compare at equal augmentation
     "ltuda-intensity-remap": ("ltuda", "partial", {"intensity_remap": 0.5}),
     "labeled-only-intensity-remap": ("labeled-only", "partial", {"intensity_remap": 0.5}),
+    # candidate 11: the curve on the student's copy of the weak view only (its labelled term, as labelled-only
+    # gets it); the strong views, where the pseudo-labels train, stay as scanned
+    "ltuda-intensity-remap-weak": ("ltuda", "partial", {"intensity_remap": 0.5, "intensity_remap_views": "weak"}),
 }
 # the multi-site rows measured with the unlabelled scans in the batch's places (see IN_BATCH)
 METHODS.update({f"{key}-in-batch": (METHODS[key][0], METHODS[key][1], {**METHODS[key][2], **IN_BATCH})

@@ -96,7 +96,10 @@ PROTOCOL_PAIRS = (("ltuda", "labeled-only"), ("ltuda", "cda"), ("cda", "labeled-
                   ("ltuda-in-batch", "labeled-only"), ("cda-pseudo-labels-off-in-batch", "labeled-only"),
                   # candidate 10: a random intensity curve on the student's views, for LTUDA and labelled-only alike
                   ("ltuda-intensity-remap", "labeled-only-intensity-remap"), ("ltuda-intensity-remap", "ltuda"),
-                  ("labeled-only-intensity-remap", "labeled-only"), ("ltuda-intensity-remap", "labeled-only"))
+                  ("labeled-only-intensity-remap", "labeled-only"), ("ltuda-intensity-remap", "labeled-only"),
+                  # candidate 11: the curve on the student's weak view only
+                  ("ltuda-intensity-remap-weak", "labeled-only-intensity-remap"), ("ltuda-intensity-remap-weak", "ltuda"),
+                  ("ltuda-intensity-remap-weak", "labeled-only"))
 
 
 def protocol_paired_tests(methods: dict) -> dict:

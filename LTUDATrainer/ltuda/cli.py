@@ -124,6 +124,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="cases that label no organ: added (default), extra slices after the labelled ones, so "
                             "every labelled set is in every batch; in-batch: one more dataset taking batch places in "
                             "turn (before 2026-12-04)")
+    train.add_argument("--intensity-remap-views", choices=("strong", "weak"), default=None,
+                       help="with --intensity-remap, LTUDA's and CDA's views that get the curve: strong (every strong "
+                            "view) or weak (the student's copy of the weak view, trained by the labelled term only)")
     train.add_argument("--lr-schedule", choices=("per-stage", "whole-run"), default=None,
                        help="per-stage: each stage restarts the poly decay (paper); whole-run: one decay over all "
                             "stages, the optimiser carried into stage 2 (short runs)")
@@ -355,7 +358,7 @@ TRAIN_SETTINGS = (
     "pseudo_gate", "pseudo_dice", "pseudo_dice_gate", "gate_cases", "pbce_scaling",
     "dice_weight", "optimizer", "prototypes", "prototype_momentum", "strong_views", "val_fraction", "seed", "network",
     "stage2_start", "stage2_pseudo_labels", "teacher_prototypes", "lr_schedule", "unlabelled_slices",
-    "intensity_remap")
+    "intensity_remap", "intensity_remap_views")
 
 
 def _config_from_args(args):

@@ -67,6 +67,10 @@ class TrainConfig:
     # that get a random intensity curve (augment.IntensityRemap), so organs are found across contrast
     # phases; the teacher's weak view stays as scanned (0 = off, the paper).
     intensity_remap: float = 0.0
+    # Which of LTUDA's and CDA's student views get the curve: "strong", every strong view (the labelled and
+    # the pseudo-label terms there), or "weak", the student's copy of the weak view, which only the labelled
+    # term trains on (the teacher labels the weak view as scanned either way).
+    intensity_remap_views: str = "strong"
     # Where the organ gates (pseudo_gate, pseudo_dice_gate) judge the teacher: "training", its running
     # Dice on the training batches that label the organ, or "held-out", its Dice on the validation cases
     # at each validation (cases neither it nor the student trains on).

@@ -109,7 +109,8 @@ def _strong_views(ctx, images, partial, pseudo, pseudo_target, labels, dice_targ
         boxes = cutmix_boxes(b, h, w, ctx.generator, images.device, area_range=ctx.config.cutmix_area)
         tensors = (images, partial, pseudo, pseudo_target, labels, dice_target)
         view = [None if t is None else cutmix(t, boxes) for t in tensors]
-        view[0] = ctx.remap(view[0], ctx.generator)  # the teacher labelled the scan as it was
+        if ctx.config.intensity_remap_views == "strong":  # the teacher labelled the scan as it was
+            view[0] = ctx.remap(view[0], ctx.generator)
         views.append(tuple(view))
     return views
 
@@ -142,8 +143,10 @@ def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.T
                           _dice_targets(ctx, pseudo_target, labeled))
     b, k = images.shape[0], len(views)
     heads = ("linear",) if stage == 1 else ("linear", "proto-labeled", "proto-unlabeled")
+    # the student's own copy of the weak view, where only the labelled term trains
+    weak = ctx.remap(images, ctx.generator) if ctx.config.intensity_remap_views == "weak" else images
     with ctx.autocast():
-        out = student(torch.cat([images] + [v[0] for v in views]), heads=heads, prototype_from=b)
+        out = student(torch.cat([weak] + [v[0] for v in views]), heads=heads, prototype_from=b)
     linear = out["linear"]
     loss = ctx.seg_loss(linear[:b], partial)
     strong_pseudo = torch.cat([v[2] for v in views])
