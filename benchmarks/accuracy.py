@@ -107,6 +107,11 @@ METHODS = {
     # candidate 11: the curve on the student's copy of the weak view only (its labelled term, as labelled-only
     # gets it); the strong views, where the pseudo-labels train, stay as scanned
     "ltuda-intensity-remap-weak": ("ltuda", "partial", {"intensity_remap": 0.5, "intensity_remap_views": "weak"}),
+    # the ceiling of today's recipe: the fast preset with true labels as pseudo-labels (the teacher's rows above,
+    # "oracle" and "oracle-pseudo-dice", have the ramp-up recipe), with today's loss and with the Dice term on
+    # the pseudo-targets too
+    "ltuda-oracle": ("ltuda", "partial", {"oracle_pseudo_labels": True}),
+    "ltuda-oracle-pseudo-dice": ("ltuda", "partial", {"oracle_pseudo_labels": True, "pseudo_dice": True}),
 }
 # the multi-site rows measured with the unlabelled scans in the batch's places (see IN_BATCH)
 METHODS.update({f"{key}-in-batch": (METHODS[key][0], METHODS[key][1], {**METHODS[key][2], **IN_BATCH})

@@ -99,7 +99,10 @@ PROTOCOL_PAIRS = (("ltuda", "labeled-only"), ("ltuda", "cda"), ("cda", "labeled-
                   ("labeled-only-intensity-remap", "labeled-only"), ("ltuda-intensity-remap", "labeled-only"),
                   # candidate 11: the curve on the student's weak view only
                   ("ltuda-intensity-remap-weak", "labeled-only-intensity-remap"), ("ltuda-intensity-remap-weak", "ltuda"),
-                  ("ltuda-intensity-remap-weak", "labeled-only"))
+                  ("ltuda-intensity-remap-weak", "labeled-only"),
+                  # the ceiling of today's recipe: true labels as pseudo-labels
+                  ("ltuda-oracle", "labeled-only"), ("ltuda-oracle", "ltuda"),
+                  ("ltuda-oracle-pseudo-dice", "ltuda-oracle"), ("ltuda-oracle-pseudo-dice", "labeled-only"))
 
 
 def protocol_paired_tests(methods: dict) -> dict:
