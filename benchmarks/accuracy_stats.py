@@ -102,7 +102,9 @@ PROTOCOL_PAIRS = (("ltuda", "labeled-only"), ("ltuda", "cda"), ("cda", "labeled-
                   ("ltuda-intensity-remap-weak", "labeled-only"),
                   # the ceiling of today's recipe: true labels as pseudo-labels
                   ("ltuda-oracle", "labeled-only"), ("ltuda-oracle", "ltuda"),
-                  ("ltuda-oracle-pseudo-dice", "ltuda-oracle"), ("ltuda-oracle-pseudo-dice", "labeled-only"))
+                  ("ltuda-oracle-pseudo-dice", "ltuda-oracle"), ("ltuda-oracle-pseudo-dice", "labeled-only"),
+                  # candidate 12: the held-out Dice gate (candidate 6) across the site shift
+                  ("ltuda-held-out-dice-gate", "ltuda"), ("ltuda-held-out-dice-gate", "labeled-only"))
 
 
 def protocol_paired_tests(methods: dict) -> dict:
