@@ -95,8 +95,9 @@ def _build_parser() -> argparse.ArgumentParser:
         ("--prototype-momentum", float, "momentum of prototype updates"),
         ("--strong-views", int, "CutMix strong views per sample (K)"),
         ("--intensity-remap", float,
-         "share of the student's views (strong views; a baseline's one view) given a random intensity curve, so "
-         "organs are learnt across contrast phases; the teacher's view stays as scanned (0: off, the paper)"),
+         "share of the student's views (strong views; a baseline's and the warm-up's one view) given a random "
+         "intensity curve, so organs are learnt across contrast phases; the teacher's view stays as scanned "
+         "(0: off, the paper)"),
         ("--val-fraction", float, "share of training cases held out for validation when the manifest has no 'val' cases"),
         ("--seed", int, "random seed"),
     ]:

@@ -63,9 +63,10 @@ class TrainConfig:
     # "in-batch", one more partial dataset in the batch's turn, taking places the labelled sets would get
     # (before 2026-12-04; 0.038 behind on development data, benchmarks/results/recipe-choice-dev.md).
     unlabelled_slices: str = "added"
-    # Share of the images only the student sees (LTUDA's and CDA's strong views; a baseline's one view)
-    # that get a random intensity curve (augment.IntensityRemap), so organs are found across contrast
-    # phases; the teacher's weak view stays as scanned (0 = off, the paper).
+    # Share of the images only the student sees (LTUDA's and CDA's strong views; a baseline's one view,
+    # and so also the one view of stage 1's labelled-only warm-up) that get a random intensity curve
+    # (augment.IntensityRemap), so organs are found across contrast phases; the teacher's weak view stays
+    # as scanned (0 = off, the paper).
     intensity_remap: float = 0.0
     # Which of LTUDA's and CDA's student views get the curve: "strong", every strong view (the labelled and
     # the pseudo-label terms there), or "weak", the student's copy of the weak view, which only the labelled
