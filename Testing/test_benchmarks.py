@@ -93,6 +93,11 @@ def test_accuracy_benchmark_development_data_is_other_phantoms_and_seeds(tmp_pat
     rows = json.loads((tmp_path / "results" / "accuracy.json").read_text())["protocols"]["toy"]["methods"]
     assert rows["labeled-only"]["command"].endswith("--methods labeled-only")
     assert "--methods labeled-only,naive" in rows["naive"]["command"]
+    # fresh development seeds for a new candidate, once the first ones have judged several
+    fresh = _run(tmp_path / "fresh", "--dev", "--first-seed", "103", "--seeds", "1", "--methods", "labeled-only")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    entry = json.loads((tmp_path / "fresh" / "results" / "accuracy.json").read_text())["protocols"]["toy"]
+    assert entry["seeds"] == [103] and entry["methods"]["labeled-only"]["seeds_done"] == [103]
 
 
 def test_accuracy_benchmark_with_scarce_labels_keeps_its_own_phantoms_runs_and_entry(tmp_path):

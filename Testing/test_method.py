@@ -131,8 +131,8 @@ def test_pseudo_labels_keep_teacher_only_for_unlabelled_organs():
     labels = torch.tensor([[[1, 1, 0, 0, 0]]])
     teacher_hard = torch.tensor([[[0, 1, 1, 2, 0]]])
     labeled = torch.tensor([[True, False, False, False]])
-    pseudo, target = make_pseudo_labels(FixedTeacher(teacher_hard), torch.zeros(1, 1, 1, 5), labels, labeled,
-                                        contextlib.nullcontext)
+    pseudo, target, _ = make_pseudo_labels(FixedTeacher(teacher_hard), torch.zeros(1, 1, 1, 5), labels, labeled,
+                                           contextlib.nullcontext)
     # GT organ wins; teacher's labelled-organ guess outside GT becomes background; unlabelled organ kept
     assert pseudo.tolist() == [[[1, 1, 0, 2, 0]]]
     assert torch.equal(target, onehot_target(pseudo, C))  # the paper's rule: nothing ignored
@@ -154,10 +154,10 @@ def test_uncertain_teacher_pixels_are_ignored_only_for_unlabelled_organs():
     labels = torch.tensor([[[1, 0, 0, 0]]])  # pixel 0 is organ 1: known not to be organ 2
     labeled = torch.tensor([[True, False]])
     teacher = ProbabilityTeacher(probs)
-    _, paper = make_pseudo_labels(teacher, torch.zeros(1, 1, 1, 4), labels, labeled, contextlib.nullcontext)
+    _, paper, _ = make_pseudo_labels(teacher, torch.zeros(1, 1, 1, 4), labels, labeled, contextlib.nullcontext)
     assert (paper >= 0).all()  # uncertain_below = 0.5: every pixel is a target
-    pseudo, target = make_pseudo_labels(teacher, torch.zeros(1, 1, 1, 4), labels, labeled, contextlib.nullcontext,
-                                        uncertain_below=0.2)
+    pseudo, target, _ = make_pseudo_labels(teacher, torch.zeros(1, 1, 1, 4), labels, labeled, contextlib.nullcontext,
+                                           uncertain_below=0.2)
     assert pseudo.tolist() == [[[1, 0, 0, 0]]]  # organ 1 at 0.9 outside its label -> background
     assert target[0, 0, 0].tolist() == [1, 0, 0, 0]  # labelled organ: a complete mask
     # unlabelled organ: 0.3 is unsure (ignored) except on the labelled organ; 0.05 and 0.1 are sure

@@ -67,7 +67,7 @@ def test_closed_organs_are_ignored_where_unlabelled_and_kept_where_labelled():
     net = LTUDANet(NetworkConfig(C, (8, 8, 16, 16, 32, 16), 16, 3))
     gate = OrganGate(C, threshold=0.5, momentum=1.0)  # frozen: this batch does not move it
     gate.overlap, gate.total = torch.tensor([1.0, 0, 0, 0]), torch.tensor([2.0, 1, 1, 1])  # only organ 1 open
-    _, target = make_pseudo_labels(net, images, labels, labeled, contextlib.nullcontext, 0.5, gate)
+    _, target, _ = make_pseudo_labels(net, images, labels, labeled, contextlib.nullcontext, 0.5, gate)
     for sample in range(4):
         for organ in range(C):
             channel = target[sample, organ]
@@ -449,8 +449,8 @@ def test_unsure_teacher_positives_are_ignored_above_the_paper_rule(confident_abo
 
     labels = torch.tensor([[[1, 0, 0, 0]]])
     labeled = torch.tensor([[True, False]])
-    _, target = make_pseudo_labels(Teacher(), torch.zeros(1, 1, 1, 4), labels, labeled, contextlib.nullcontext,
-                                   0.5, None, confident_above)
+    _, target, _ = make_pseudo_labels(Teacher(), torch.zeros(1, 1, 1, 4), labels, labeled, contextlib.nullcontext,
+                                      0.5, None, confident_above)
     assert target[0, 1, 0].tolist() == expected
     assert target[0, 0, 0].tolist() == [1.0, 0.0, 0.0, 0.0]  # the labelled organ is its ground truth
 

@@ -104,7 +104,10 @@ PROTOCOL_PAIRS = (("ltuda", "labeled-only"), ("ltuda", "cda"), ("cda", "labeled-
                   ("ltuda-oracle", "labeled-only"), ("ltuda-oracle", "ltuda"),
                   ("ltuda-oracle-pseudo-dice", "ltuda-oracle"), ("ltuda-oracle-pseudo-dice", "labeled-only"),
                   # candidate 12: the held-out Dice gate (candidate 6) across the site shift
-                  ("ltuda-held-out-dice-gate", "ltuda"), ("ltuda-held-out-dice-gate", "labeled-only"))
+                  ("ltuda-held-out-dice-gate", "ltuda"), ("ltuda-held-out-dice-gate", "labeled-only"),
+                  # candidate 13: the same gate, the Dice term on the teacher's sure pixels only
+                  ("ltuda-confident-dice-gate", "ltuda"), ("ltuda-confident-dice-gate", "labeled-only"),
+                  ("ltuda-confident-dice-gate", "ltuda-held-out-dice-gate"))
 
 
 def protocol_paired_tests(methods: dict) -> dict:

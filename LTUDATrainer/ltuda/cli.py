@@ -91,6 +91,9 @@ def _build_parser() -> argparse.ArgumentParser:
         ("--pseudo-dice-gate", float,
          "with --pseudo-dice: the Dice term covers an unlabelled organ's pseudo-targets only once the teacher's running "
          "Dice on the cases that label it reaches this; pBCE uses them throughout (0: from the start)"),
+        ("--pseudo-dice-confident", float,
+         "with --pseudo-dice: the Dice term sees an unlabelled organ's pseudo-target only where the teacher's "
+         "probability is at least this or at most 1 - this; pBCE uses the rest (0.5: everywhere)"),
         ("--prototypes", int, "prototypes per class (M)"),
         ("--prototype-momentum", float, "momentum of prototype updates"),
         ("--strong-views", int, "CutMix strong views per sample (K)"),
@@ -356,7 +359,7 @@ def _train_follower(args, manifest, out, group, silent) -> int:
 TRAIN_SETTINGS = (
     "epochs_stage1", "epochs_stage2", "iterations_per_epoch", "batch_size", "image_size", "lr", "momentum",
     "ema_decay", "pseudo_rampup_epochs", "warmup_epochs", "pseudo_uncertain_below", "pseudo_confident_above",
-    "pseudo_gate", "pseudo_dice", "pseudo_dice_gate", "gate_cases", "pbce_scaling",
+    "pseudo_gate", "pseudo_dice", "pseudo_dice_gate", "pseudo_dice_confident", "gate_cases", "pbce_scaling",
     "dice_weight", "optimizer", "prototypes", "prototype_momentum", "strong_views", "val_fraction", "seed", "network",
     "stage2_start", "stage2_pseudo_labels", "teacher_prototypes", "lr_schedule", "unlabelled_slices",
     "intensity_remap", "intensity_remap_views")
@@ -394,6 +397,13 @@ def _check_config(config):
     if config.pseudo_dice_gate and not config.pseudo_dice:
         raise LtudaError("--pseudo-dice-gate gates the Dice term on pseudo-targets, which is off",
                          fix="Add --pseudo-dice (and a --dice-weight above 0), or leave out --pseudo-dice-gate.")
+    if not 0.5 <= config.pseudo_dice_confident < 1.0:
+        raise LtudaError(f"--pseudo-dice-confident {config.pseudo_dice_confident} is outside [0.5, 1)",
+                         fix="Use 0.5 for the Dice term on every pseudo-target pixel, or e.g. 0.9 for the teacher's "
+                             "sure ones.")
+    if config.pseudo_dice_confident > 0.5 and not config.pseudo_dice:
+        raise LtudaError("--pseudo-dice-confident limits the Dice term on pseudo-targets, which is off",
+                         fix="Add --pseudo-dice (and a --dice-weight above 0), or leave out --pseudo-dice-confident.")
     if config.gate_cases == "held-out" and not (config.pseudo_gate or config.pseudo_dice_gate):
         raise LtudaError("--gate-cases held-out says where an organ gate judges the teacher, but no gate is on",
                          fix="Add --pseudo-gate or --pseudo-dice-gate (e.g. 0.7), or leave out --gate-cases.")

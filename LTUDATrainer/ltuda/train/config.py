@@ -55,6 +55,10 @@ class TrainConfig:
     # running Dice on the cases that label it reaches this; its pBCE term (the teacher's negatives too)
     # stays on throughout (0 = every organ whose pseudo-labels are used).
     pseudo_dice_gate: float = 0.0
+    # With pseudo_dice: the Dice term sees an unlabelled organ's pseudo-target only where the teacher is sure,
+    # its probability at least this or at most 1 - this; pBCE keeps the rest (0.5 = everywhere). Dice
+    # punishes a wrong pseudo-target by 1/organ size; the teacher's unsure pixels are where most are wrong.
+    pseudo_dice_confident: float = 0.5
     # Stage 2 trains on the unlabelled organs' pseudo-labels (the paper), or on the labels alone (False):
     # at small compute stage 2's pseudo-labels cost what stage 1's gain (benchmarks/results/strong-views).
     stage2_pseudo_labels: bool = True

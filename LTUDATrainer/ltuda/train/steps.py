@@ -4,6 +4,8 @@ The student sees the weak view and the K strong views in ONE forward pass, and e
 same backbone features: the reference code recomputes the backbone per head and per view.
 """
 
+from typing import NamedTuple, Optional
+
 import torch
 
 from ..augment import IntensityRemap, WeakAugment, cutmix, cutmix_boxes
@@ -64,20 +66,28 @@ def supervised_step(ctx: StepContext, student, batch) -> torch.Tensor:
     return ctx.seg_loss(logits, partial_target(labels, labeled, ctx.num_classes))
 
 
+class PseudoLabels(NamedTuple):
+    hard: torch.Tensor  # [B, H, W] class index: ground truth where the case has it, else the teacher's
+    target: torch.Tensor  # [B, C, H, W] per-organ targets of the pseudo-label term (-1: ignored)
+    dice_target: Optional[torch.Tensor] = None  # the Dice term's targets where they differ (None: `target`)
+
+
 @torch.no_grad()
 def make_pseudo_labels(teacher, images, labels, labeled, autocast, uncertain_below: float = 0.5, gate=None,
-                       confident_above: float = 0.5):
+                       confident_above: float = 0.5, dice_confident: float = 0.5) -> PseudoLabels:
     """Teacher's hard labels on the weak view, with ground truth where the case has it.
 
     Teacher organ c is kept only where c is NOT labelled in that case; labelled organs come from the
     ground truth (a labelled organ's other pixels are true negatives, so become background).
-    Returns (hard labels [B, H, W], per-organ targets [B, C, H, W]). In the targets, an unlabelled
+    Returns hard labels [B, H, W] and per-organ targets [B, C, H, W]. In the targets, an unlabelled
     organ whose teacher probability lies in [uncertain_below, 0.5) is ignored (-1) rather than taken
     as background, except on the case's labelled organs; uncertain_below = 0.5 (the default) is the
     paper's rule, nothing ignored; 0 keeps only the teacher's positives for unlabelled organs. Likewise
     a teacher positive below confident_above is ignored rather than trained as the organ.
     With an OrganGate, the teacher's prediction updates it, and an organ the gate keeps closed is
-    ignored on every case that does not label it.
+    ignored on every case that does not label it. With dice_confident above 0.5, `dice_target` is the
+    targets with the teacher's unsure pixels (probability between 1 - dice_confident and dice_confident)
+    ignored as well.
     """
     with autocast():
         logits = teacher(images, heads=("linear",))["linear"]
@@ -87,16 +97,21 @@ def make_pseudo_labels(teacher, images, labels, labeled, autocast, uncertain_bel
     predicted_labeled = labeled.gather(1, (hard - 1).clamp(min=0).flatten(1)).view_as(hard) & (hard > 0)
     hard = torch.where(labels > 0, labels, torch.where(predicted_labeled, torch.zeros_like(hard), hard))
     target = onehot_target(hard, labeled.shape[1])
+    probs = torch.sigmoid(logits.float())
+    # a labelled organ's pixels are known not to be any other organ: never unsure there
+    from_teacher = ~labeled[:, :, None, None] & (labels == 0)[:, None]
+    ignored = torch.full_like(target, IGNORE)
     if uncertain_below < 0.5 or confident_above > 0.5:
-        probs = torch.sigmoid(logits.float())
-        # a labelled organ's pixels are known not to be any other organ: never unsure there
-        from_teacher = ~labeled[:, :, None, None] & (labels == 0)[:, None]
         unsure = torch.where(target == 0, probs >= uncertain_below, probs < confident_above)
-        target = torch.where(unsure & from_teacher, torch.full_like(target, IGNORE), target)
+        target = torch.where(unsure & from_teacher, ignored, target)
     if gate is not None and gate.enabled:
         closed = ~gate.open().to(labeled.device)[None, :] & ~labeled
-        target = torch.where(closed[:, :, None, None], torch.full_like(target, IGNORE), target)
-    return hard, target
+        target = torch.where(closed[:, :, None, None], ignored, target)
+    dice_target = None
+    if dice_confident > 0.5:
+        unsure = (probs > 1.0 - dice_confident) & (probs < dice_confident)
+        dice_target = torch.where(unsure & from_teacher, ignored, target)
+    return PseudoLabels(hard, target, dice_target)
 
 
 def _strong_views(ctx, images, partial, pseudo, pseudo_target, labels, dice_target):
@@ -115,13 +130,15 @@ def _strong_views(ctx, images, partial, pseudo, pseudo_target, labels, dice_targ
     return views
 
 
-def _dice_targets(ctx, pseudo_target, labeled):
-    """The pseudo-targets the Dice term sees: with `pseudo_dice_gate`, an unlabelled organ the gate has
-    not yet let into the Dice term is ignored there (pBCE still trains on it). None without that gate."""
+def _dice_targets(ctx, pseudo_target, dice_target, labeled):
+    """The pseudo-targets the Dice term sees: `dice_target` (the teacher's unsure pixels ignored) or the
+    pseudo-targets themselves, and with `pseudo_dice_gate`, an unlabelled organ the gate has not yet let
+    into the Dice term ignored there (pBCE still trains on it). None: the same as the pseudo-targets."""
     if not (ctx.config.pseudo_dice and ctx.config.pseudo_dice_gate > 0):
-        return None
+        return dice_target
+    target = pseudo_target if dice_target is None else dice_target
     closed = ~ctx.gate.dice_open().to(labeled.device)[None, :] & ~labeled
-    return torch.where(closed[:, :, None, None], torch.full_like(pseudo_target, IGNORE), pseudo_target)
+    return torch.where(closed[:, :, None, None], torch.full_like(target, IGNORE), target)
 
 
 def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.Tensor:
@@ -130,17 +147,20 @@ def ltuda_step(ctx: StepContext, student, teacher, batch, stage: int) -> torch.T
     if len(batch) > 3:  # the oracle: true labels instead of the teacher's, warped with the same transform
         images, packed = ctx.weak(images, labels + (c + 1) * batch[3], ctx.generator)
         labels, pseudo = packed % (c + 1), packed // (c + 1)
-        pseudo_target = onehot_target(pseudo, c)
+        pseudo_target, dice_target = onehot_target(pseudo, c), None
     else:
         images, labels = ctx.weak(images, labels, ctx.generator)
-        pseudo, pseudo_target = make_pseudo_labels(teacher, images, labels, labeled, ctx.autocast,
-                                                   ctx.config.pseudo_uncertain_below, ctx.gate,
-                                                   ctx.config.pseudo_confident_above)
+        cfg = ctx.config
+        pseudo, pseudo_target, dice_target = make_pseudo_labels(
+            teacher, images, labels, labeled, ctx.autocast, cfg.pseudo_uncertain_below, ctx.gate,
+            cfg.pseudo_confident_above, cfg.pseudo_dice_confident if cfg.pseudo_dice else 0.5)
     if stage == 2 and not ctx.config.stage2_pseudo_labels:  # the labelled organs' targets alone
-        pseudo_target = torch.where(labeled[:, :, None, None], pseudo_target, torch.full_like(pseudo_target, IGNORE))
+        only_labeled = lambda t: torch.where(labeled[:, :, None, None], t, torch.full_like(t, IGNORE))  # noqa: E731
+        pseudo_target = only_labeled(pseudo_target)
+        dice_target = None if dice_target is None else only_labeled(dice_target)
     partial = partial_target(labels, labeled, c)
     views = _strong_views(ctx, images, partial, pseudo, pseudo_target, labels,
-                          _dice_targets(ctx, pseudo_target, labeled))
+                          _dice_targets(ctx, pseudo_target, dice_target, labeled))
     b, k = images.shape[0], len(views)
     heads = ("linear",) if stage == 1 else ("linear", "proto-labeled", "proto-unlabeled")
     # the student's own copy of the weak view, where only the labelled term trains
