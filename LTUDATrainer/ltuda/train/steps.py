@@ -97,10 +97,11 @@ def make_pseudo_labels(teacher, images, labels, labeled, autocast, uncertain_bel
     predicted_labeled = labeled.gather(1, (hard - 1).clamp(min=0).flatten(1)).view_as(hard) & (hard > 0)
     hard = torch.where(labels > 0, labels, torch.where(predicted_labeled, torch.zeros_like(hard), hard))
     target = onehot_target(hard, labeled.shape[1])
-    probs = torch.sigmoid(logits.float())
-    # a labelled organ's pixels are known not to be any other organ: never unsure there
-    from_teacher = ~labeled[:, :, None, None] & (labels == 0)[:, None]
     ignored = torch.full_like(target, IGNORE)
+    if uncertain_below < 0.5 or confident_above > 0.5 or dice_confident > 0.5:  # the paper's rule needs no probs
+        probs = torch.sigmoid(logits.float())
+        # a labelled organ's pixels are known not to be any other organ: never unsure there
+        from_teacher = ~labeled[:, :, None, None] & (labels == 0)[:, None]
     if uncertain_below < 0.5 or confident_above > 0.5:
         unsure = torch.where(target == 0, probs >= uncertain_below, probs < confident_above)
         target = torch.where(unsure & from_teacher, ignored, target)
