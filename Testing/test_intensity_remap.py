@@ -122,3 +122,58 @@ def test_training_records_the_setting_and_rejects_a_share_outside_0_1(dataset, t
                       check=False)
     assert wrong.returncode != 0 and "--intensity-remap 1.5" in wrong.stderr and "Traceback" not in wrong.stderr
     assert not (tmp_path / "wrong" / "model.json").exists()
+
+
+@pytest.mark.parametrize("method, in_warmup", [("ltuda", True), ("ltuda", False), ("labeled-only", False)])
+def test_the_warm_up_sees_the_scans_as_they_are_when_asked(tiny_dataset, tmp_path, monkeypatch, method, in_warmup):
+    """`--no-intensity-remap-warmup` (candidate 14): stage 1's labelled-only warm-up trains on the scans as they
+    are, the curve starting with the pseudo-labels; a baseline's one view keeps it (it has no warm-up)."""
+    import ltuda.train.trainer as trainer_module
+    from ltuda.manifest import load_manifest
+    from ltuda.progress import SilentReporter
+
+    steps, remapped = [], []  # the kind of each step run; the step kind of each call of the curve
+
+    def recording(step, kind):
+        def wrapped(*args, **kwargs):
+            steps.append(kind)
+            return step(*args, **kwargs)
+        return wrapped
+
+    original = IntensityRemap.__call__
+
+    def counted(self, images, generator):
+        remapped.append(steps[-1])
+        return original(self, images, generator)
+
+    monkeypatch.setattr(IntensityRemap, "__call__", counted)
+    monkeypatch.setattr(trainer_module, "supervised_step", recording(trainer_module.supervised_step, "labels"))
+    monkeypatch.setattr(trainer_module, "ltuda_step", recording(trainer_module.ltuda_step, "pseudo"))
+    config = make_config("fast", method=method, epochs_stage1=2, epochs_stage2=1, iterations_per_epoch=2,
+                         image_size=32, batch_size=2, val_fraction=0.5, warmup_epochs=1, seed=1, intensity_remap=1.0,
+                         intensity_remap_views="weak", intensity_remap_warmup=in_warmup)
+    trainer_module.Trainer(load_manifest(tiny_dataset), tmp_path / "model", config, SilentReporter(),
+                           cache_dir=tmp_path / "cache").run()
+    if method == "labeled-only":  # no warm-up: its one view gets the curve at every step
+        assert set(steps) == {"labels"} and remapped == steps
+    else:
+        assert steps == ["labels"] * 2 + ["pseudo"] * 4  # the warm-up's epoch, stage 1's second, stage 2
+        assert remapped.count("labels") == (2 if in_warmup else 0)
+        assert remapped.count("pseudo") == 4  # the student's copy of the weak view, once per step
+
+
+def test_the_warm_up_without_the_curve_is_recorded_and_refused_without_a_curve(tiny_dataset, tmp_path):
+    out = tmp_path / "model"
+    run_ltuda("train", "--dataset", tiny_dataset, "--out", out, *TINY_TRAIN_ARGS, "--intensity-remap", "0.5",
+              "--intensity-remap-views", "weak", "--no-intensity-remap-warmup", "--progress", "none")
+    config = json.loads((out / "model.json").read_text())["training"]["config"]
+    assert config["intensity_remap_warmup"] is False and config["intensity_remap_views"] == "weak"
+    wrong = run_ltuda("train", "--dataset", tiny_dataset, "--out", tmp_path / "wrong", "--no-intensity-remap-warmup",
+                      check=False)
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
+    assert "--no-intensity-remap-warmup" in wrong.stderr and "--intensity-remap (e.g. 0.5)" in wrong.stderr
+    assert not (tmp_path / "wrong").exists()
+
+
+def test_the_curve_in_the_warm_up_is_the_default():
+    assert make_config("fast").intensity_remap_warmup is True

@@ -131,6 +131,9 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--intensity-remap-views", choices=("strong", "weak"), default=None,
                        help="with --intensity-remap, LTUDA's and CDA's views that get the curve: strong (every strong "
                             "view) or weak (the student's copy of the weak view, trained by the labelled term only)")
+    train.add_argument("--intensity-remap-warmup", action=argparse.BooleanOptionalAction, default=None,
+                       help="with --intensity-remap, stage 1's labelled-only warm-up gets the curve too (default); "
+                            "--no-intensity-remap-warmup: the warm-up sees the scans as they are")
     train.add_argument("--lr-schedule", choices=("per-stage", "whole-run"), default=None,
                        help="per-stage: each stage restarts the poly decay (paper); whole-run: one decay over all "
                             "stages, the optimiser carried into stage 2 (short runs)")
@@ -362,7 +365,7 @@ TRAIN_SETTINGS = (
     "pseudo_gate", "pseudo_dice", "pseudo_dice_gate", "pseudo_dice_confident", "gate_cases", "pbce_scaling",
     "dice_weight", "optimizer", "prototypes", "prototype_momentum", "strong_views", "val_fraction", "seed", "network",
     "stage2_start", "stage2_pseudo_labels", "teacher_prototypes", "lr_schedule", "unlabelled_slices",
-    "intensity_remap", "intensity_remap_views")
+    "intensity_remap", "intensity_remap_views", "intensity_remap_warmup")
 
 
 def _config_from_args(args):
@@ -385,6 +388,9 @@ def _check_config(config):
     if not 0.0 <= config.intensity_remap <= 1.0:
         raise LtudaError(f"--intensity-remap {config.intensity_remap} is outside [0, 1]",
                          fix="Use 0 (off) or a share of views such as 0.5.")
+    if not config.intensity_remap_warmup and not config.intensity_remap:
+        raise LtudaError("--no-intensity-remap-warmup keeps the intensity curve off the warm-up, but the curve is off",
+                         fix="Add --intensity-remap (e.g. 0.5), or leave out --no-intensity-remap-warmup.")
     if not 0.5 <= config.pseudo_confident_above < 1.0:
         raise LtudaError(f"--pseudo-confident-above {config.pseudo_confident_above} is outside [0.5, 1)",
                          fix="Use 0.5 for the paper's rule, or e.g. 0.9 to train only on confident teacher positives.")

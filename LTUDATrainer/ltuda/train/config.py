@@ -76,6 +76,10 @@ class TrainConfig:
     # the pseudo-label terms there), or "weak", the student's copy of the weak view, which only the labelled
     # term trains on (the teacher labels the weak view as scanned either way).
     intensity_remap_views: str = "strong"
+    # Whether stage 1's labelled-only warm-up gets the curve too (True), or sees the scans as they are, the
+    # curve starting with the pseudo-labels (False): with it, a small low-contrast organ (pancreas) may leave
+    # the warm-up unlearnt, and the teacher then calls it background (recipe-choice-dev.md, candidate 11).
+    intensity_remap_warmup: bool = True
     # Where the organ gates (pseudo_gate, pseudo_dice_gate) judge the teacher: "training", its running
     # Dice on the training batches that label the organ, or "held-out", its Dice on the validation cases
     # at each validation (cases neither it nor the student trains on).

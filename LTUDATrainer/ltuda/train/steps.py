@@ -49,11 +49,13 @@ class StepContext:
         return partial_seg_loss(logits, target, dice, cfg.pbce_scaling, dice_target=dice_target)
 
 
-def supervised_step(ctx: StepContext, student, batch) -> torch.Tensor:
-    """Baselines on the weak view: labelled-only pBCE, naive union, or marginal + exclusion."""
+def supervised_step(ctx: StepContext, student, batch, remap: bool = True) -> torch.Tensor:
+    """Baselines on the weak view: labelled-only pBCE, naive union, or marginal + exclusion (also stage 1's
+    warm-up, where `remap` False keeps the intensity curve off)."""
     images, labels, labeled = batch[:3]
     images, labels = ctx.weak(images, labels, ctx.generator)
-    images = ctx.remap(images, ctx.generator)  # no teacher here: the one view is the student's
+    if remap:
+        images = ctx.remap(images, ctx.generator)  # no teacher here: the one view is the student's
     method = ctx.config.method
     if method == "naive":  # every unlabelled organ is taken as background
         labeled = torch.ones_like(labeled)

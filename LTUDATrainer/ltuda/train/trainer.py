@@ -334,7 +334,7 @@ class Trainer:
                         ctx.pseudo_weight = pseudo_rampup(epoch - cfg.warmup_epochs + iteration / iters,
                                                           cfg.pseudo_rampup_epochs)
                         if stage == 0 or (stage == 1 and epoch < cfg.warmup_epochs):
-                            loss = supervised_step(ctx, net, batch)
+                            loss = supervised_step(ctx, net, batch, remap=stage == 0 or cfg.intensity_remap_warmup)
                         else:
                             loss = ltuda_step(ctx, net, self.teacher, batch, stage)
                         if not torch.isfinite(loss):
