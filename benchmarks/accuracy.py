@@ -112,6 +112,9 @@ METHODS = {
     # candidate 11: the curve on the student's copy of the weak view only (its labelled term, as labelled-only
     # gets it); the strong views, where the pseudo-labels train, stay as scanned
     "ltuda-intensity-remap-weak": ("ltuda", "partial", {"intensity_remap": 0.5, "intensity_remap_views": "weak"}),
+    # candidate 14: candidate 11 with the warm-up on the scans as they are, the curve starting with the pseudo-labels
+    "ltuda-intensity-remap-after-warmup": ("ltuda", "partial", {"intensity_remap": 0.5, "intensity_remap_views": "weak",
+                                                                "intensity_remap_warmup": False}),
     # the ceiling of today's recipe: the fast preset with true labels as pseudo-labels (the teacher's rows above,
     # "oracle" and "oracle-pseudo-dice", have the ramp-up recipe), with today's loss and with the Dice term on
     # the pseudo-targets too

@@ -100,6 +100,10 @@ PROTOCOL_PAIRS = (("ltuda", "labeled-only"), ("ltuda", "cda"), ("cda", "labeled-
                   # candidate 11: the curve on the student's weak view only
                   ("ltuda-intensity-remap-weak", "labeled-only-intensity-remap"), ("ltuda-intensity-remap-weak", "ltuda"),
                   ("ltuda-intensity-remap-weak", "labeled-only"),
+                  # candidate 14: the same, the warm-up on the scans as they are
+                  ("ltuda-intensity-remap-after-warmup", "ltuda"), ("ltuda-intensity-remap-after-warmup", "labeled-only"),
+                  ("ltuda-intensity-remap-after-warmup", "labeled-only-intensity-remap"),
+                  ("ltuda-intensity-remap-after-warmup", "ltuda-intensity-remap-weak"),
                   # the ceiling of today's recipe: true labels as pseudo-labels
                   ("ltuda-oracle", "labeled-only"), ("ltuda-oracle", "ltuda"),
                   ("ltuda-oracle-pseudo-dice", "ltuda-oracle"), ("ltuda-oracle-pseudo-dice", "labeled-only"),
