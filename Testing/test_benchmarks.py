@@ -231,6 +231,30 @@ def test_a_learning_curve_point_compares_ltuda_with_cda_alone_where_it_has_both(
     assert "x8, ltuda against cda: CDA 0.730, mean gain 0.025 over 2 paired seeds" in markdown
 
 
+def test_a_learning_curve_without_a_1x_point_takes_it_from_the_protocols_own_rows():
+    """The multi-site curve runs 2x and 4x only: its 1x point is the protocol's rows, where they are the same
+    preset and settings, and is shown as such."""
+    report = _benchmark_module("accuracy_report")
+    def row(dice):
+        return {"mean_dice": dice, "iterations": 880, "dice_std": 0.01, "seeds": 5, "seeds_done": [43, 44, 45, 46, 47],
+                "per_seed": [dice] * 5, "per_organ_dice": {"liver": dice}, "mean_hd95_mm": 9.0, "train_seconds": 100}
+    test = {"seeds": 5, "mean_gain": 0.002, "t": 0.3, "p_one_sided": 0.4}
+    protocol = {"preset": "fast", "settings": {}, "seeds": [43, 44, 45, 46, 47], "commands": ["rows"], "machine": "cpu",
+                "methods": {"labeled-only": row(0.594), "ltuda": row(0.596)},
+                "paired_tests": {"ltuda_vs_labeled-only": test}}
+    point = {"labeled-only": 0.606, "ltuda": 0.611, "iterations": {"labeled-only": 1760, "ltuda": 1760},
+             "ltuda_vs_labeled-only": {"seeds": 5, "mean_gain": 0.005, "p_one_sided": 0.26, "labeled_only": 0.606}}
+    curve = {"preset": "fast", "settings": {}, "commands": ["curve"], "2": point}
+    markdown = report.render_markdown({"protocols": {"multi-site": protocol}, "learning_curve": {"multi-site": curve}})
+    assert "| x1 | ltuda | 0.594 | 0.596 | 0.002 | 0.400 | 5 | 880 |" in markdown
+    assert "x1 is the protocol's own rows (the same preset and settings; seeds 43, 44, 45, 46, 47)" in markdown
+    assert markdown.index("| x1 |") < markdown.index("| x2 |")
+    # rows of other settings are another training: no x1 point from them
+    other = {**protocol, "settings": {"image_size": 96}}
+    markdown = report.render_markdown({"protocols": {"multi-site": other}, "learning_curve": {"multi-site": curve}})
+    assert "| x1 |" not in markdown and "| x2 | ltuda | 0.606 | 0.611 |" in markdown
+
+
 def test_a_protocol_tests_the_pseudo_labels_and_stage_2_against_the_rows_that_leave_them_out():
     stats = _benchmark_module("accuracy_stats")
 

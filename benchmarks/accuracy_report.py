@@ -107,9 +107,11 @@ def render_markdown(results) -> str:
                 lines[-1] += "; per organ " + ", ".join(f"{o} {_fmt(t['mean_gain'])} (p = {_fmt(t['p_one_sided'], 3)})"
                                                         for o, t in test["per_organ"].items())
         lines.append("")
-    for protocol, curve in results.get("learning_curve", {}).items():
+    for protocol, curve in _curves(results):
         lines += [f"## Learning curve: {protocol}", "",
                   "Commands: " + ", ".join(f"`{c}`" for c in curve.get("commands", [])), "",
+                  *([f"x1 is the protocol's own rows (the same preset and settings; seeds {curve['1']['seeds']}).", ""]
+                    if curve.get("1", {}).get("from_protocol") else []),
                   "| schedule | recipe | labelled-only | recipe's Dice | gain over labelled-only | p (one-sided, paired) "
                   "| seeds | iterations |", "|---|---|---|---|---|---|---|---|"]
         for factor, point in _curve_points(curve):
@@ -137,6 +139,25 @@ def render_markdown(results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _curves(results: dict) -> list:
+    """(protocol, learning curve), each with its x1 point taken from the protocol's own rows where it has none:
+    those rows are the same preset and settings at 1x on the same seeds (the multi-site curve runs 2 and 4)."""
+    curves = []
+    for protocol, curve in results.get("learning_curve", {}).items():
+        entry = results.get("protocols", {}).get(protocol, {})
+        methods, test = entry.get("methods", {}), entry.get("paired_tests", {}).get("ltuda_vs_labeled-only")
+        same_run = (entry.get("preset"), entry.get("settings")) == (curve.get("preset"), curve.get("settings"))
+        if "1" not in curve and test and same_run:
+            rows = {key: methods[key] for key in ("labeled-only", "ltuda")}
+            point = {key: row["mean_dice"] for key, row in rows.items()}
+            point.update({"ltuda_vs_labeled-only": {**test, "labeled_only": point["labeled-only"]}, "from_protocol": True,
+                          "seeds": ", ".join(map(str, entry["seeds"])),
+                          "iterations": {key: row["iterations"] for key, row in rows.items()}})
+            curve = {"1": point, **curve}
+        curves.append((protocol, curve))
+    return curves
+
+
 def _curve_points(curve: dict) -> list:
     """(factor, point) of a learning curve, by factor (the other keys record its commands and settings)."""
     return sorted(((k, v) for k, v in curve.items() if isinstance(v, dict) and k != "settings"),
@@ -160,7 +181,7 @@ def plot(results: dict, path: Path):
     except ImportError:  # optional: the tables carry the same numbers
         return
     protocols = [(p, e) for p, e in results.get("protocols", {}).items() if e["methods"]]
-    curves = list(results.get("learning_curve", {}).items())
+    curves = _curves(results)
     diagnosed = [(p, e["methods"]["ltuda"]["pseudo_label_quality"]) for p, e in protocols
                  if e["methods"].get("ltuda", {}).get("pseudo_label_quality")]
     panels = len(protocols) + len(curves) + len(diagnosed)
