@@ -390,10 +390,10 @@ def test_a_warm_up_trains_on_the_labels_only_then_ramps_the_pseudo_labels_up_fro
     steps = []  # (stage, "labels" or "pseudo", pseudo-label weight)
 
     def recording(step, kind):
-        def wrapped(ctx, *args):
+        def wrapped(ctx, *args, **kwargs):
             stage = args[-1] if kind == "pseudo" else 1
             steps.append((stage, kind, ctx.pseudo_weight))
-            return step(ctx, *args)
+            return step(ctx, *args, **kwargs)
         return wrapped
 
     monkeypatch.setattr(trainer_module, "supervised_step", recording(trainer_module.supervised_step, "labels"))
