@@ -2,8 +2,11 @@
 
 import importlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,48 @@ def test_accuracy_benchmark_smoke(tmp_path):
     quality = toy["methods"]["ltuda"]["pseudo_label_quality"][0]
     assert set(quality[-1]["per_organ"]["pancreas"]) == {"precision", "recall", "dice"}
     assert "INCOMPLETE" not in markdown
+
+
+def _process_group_ends(group: int, within_s: float) -> bool:
+    """Whether every process of the group has gone (exited children take a moment to be reaped)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_stop_signal_stops_the_whole_benchmark_and_leaves_the_runs_resumable(tmp_path, jobs):
+    # long runs (400 epochs of 2 iterations), so every one of them is still training when the stop comes
+    command = [sys.executable, str(BENCHMARKS / "accuracy.py"), "--smoke", "--out", str(tmp_path / "results"),
+               "--work", str(tmp_path / "work"), "--methods", "labeled-only", "--seeds", "3", "--jobs", jobs,
+               "--set", "epochs_stage1=400"]
+    benchmark = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "work").glob("toy/main/labeled-only/seed*/model/checkpoints/last.pt")):
+            assert benchmark.poll() is None and time.monotonic() < deadline, benchmark.communicate()[1][-3000:]
+            time.sleep(0.2)
+        benchmark.send_signal(signal.SIGTERM)  # as `kill PID` does: the benchmark's own process only
+        _, stderr = benchmark.communicate(timeout=120)
+    finally:
+        if benchmark.poll() is None:
+            os.killpg(benchmark.pid, signal.SIGKILL)
+    assert benchmark.returncode == 130, stderr[-3000:]
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    assert _process_group_ends(benchmark.pid, within_s=15)  # no worker was left behind, training on
+    runs = sorted((tmp_path / "work").glob("toy/main/labeled-only/seed*/model"))
+    # the running trainings saved a checkpoint and did not finish; the third seed never started
+    assert 1 <= len(runs) <= int(jobs)
+    for run in runs:  # the best model so far is saved beside the checkpoint, marked as not completed
+        assert json.loads((run / "model.json").read_text())["training"]["completed"] is False
+        assert (run / "checkpoints" / "last.pt").exists()
+    assert not list((tmp_path / "work").rglob("STOP"))
 
 
 def test_accuracy_benchmark_learning_curve_and_settings(tmp_path):

@@ -20,18 +20,21 @@ and CDA by a one-sided paired t-test over seeds.
 
 Results go to OUT/accuracy.json (one entry per protocol, plus the learning curve), accuracy.md and
 accuracy.png, saved after every run, so a stopped benchmark keeps what it measured. Training runs
-in --jobs worker processes of one thread each. The statistics are in accuracy_stats.py, the report (markdown
+in --jobs worker processes of one thread each. SIGTERM or SIGINT (Ctrl-C) stops the whole benchmark: the
+running trainings save a checkpoint, no other run starts, and the same command resumes them. The statistics are in accuracy_stats.py, the report (markdown
 and plot) in accuracy_report.py.
 """
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import fcntl
 import json
 import multiprocessing
 import os
 import platform
+import signal
 import sys
 from pathlib import Path
 
@@ -243,6 +246,9 @@ def score(model_dir: Path, manifest, work: Path, holdout: Path = None) -> dict:
 
 def run_one(manifest_path, method, seed, preset, settings, work: Path, cache: Path, holdout: Path = None) -> dict:
     """Train one model and score it; runs in a worker process."""
+    global _stop_asked
+    if _stop_asked:
+        raise BenchmarkStopped(work)
     import torch
     from ltuda.manifest import load_manifest
     from ltuda.progress import SilentReporter
@@ -258,7 +264,13 @@ def run_one(manifest_path, method, seed, preset, settings, work: Path, cache: Pa
     trained_here = meta is None
     if trained_here:
         resume = interrupted_training(model_dir, config, manifest_path)
-        outcome = Trainer(manifest, model_dir, config, SilentReporter(), cache_dir=cache, resume=resume).run()
+        trainer = Trainer(manifest, model_dir, config, SilentReporter(), cache_dir=cache, resume=resume)
+        if _stop_asked:  # asked while the data loaded: the trainer's own handler was not yet listening
+            raise BenchmarkStopped(model_dir)
+        outcome = trainer.run()
+        if outcome["status"] == "cancelled":
+            _stop_asked = True  # the trainer's handler took the signal: this worker starts no other run
+            raise BenchmarkStopped(model_dir)
         if outcome["status"] != "completed":
             raise RuntimeError(f"training stopped ({outcome['status']})")
         meta = json.loads((model_dir / "model.json").read_text())
@@ -388,38 +400,83 @@ def make_phantoms(work: Path, protocol: str, smoke: bool, seed: int = PHANTOM_SE
             "unlabelled_site": unlabelled > 0}
 
 
+class BenchmarkStopped(Exception):
+    """A stop was asked for (SIGTERM, SIGINT): the benchmark ends; the same command resumes it."""
+
+
+# Set by SIGTERM/SIGINT in this process (main or worker) while no training listens; a training takes the
+# signal itself (checkpoint, "cancelled"). Either way no further run starts here.
+_stop_asked = False
+
+
+def _note_stop(signum, frame):
+    global _stop_asked
+    _stop_asked = True
+
+
 def _worker_init():
     os.environ["OMP_NUM_THREADS"] = "1"
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _note_stop)
+
+
+@contextlib.contextmanager
+def stop_on_signals(workers: bool):
+    """SIGTERM/SIGINT end the benchmark, not just the current training: the workers are told too (a
+    `kill` reaches only this process; Ctrl-C reaches them as well, and a second signal is harmless)."""
+    def handle(signum, frame):
+        _note_stop(signum, frame)
+        for child in multiprocessing.active_children() if workers else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_tasks(tasks, jobs: int, on_result) -> list:
     """tasks: (key, args for run_one); on_result(key, result) in the main process as each finishes.
 
     A run that fails is reported at once and the others go on, so one failure loses no other result;
-    returns the failed keys."""
+    returns the failed keys. A stop (SIGTERM, SIGINT) raises BenchmarkStopped once the running trainings
+    have saved their checkpoints, with every finished run already passed to on_result."""
     failed = []
 
     def report(key, exc):
         failed.append(key)
         print(f"FAILED {key}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
-    if jobs <= 1:
-        for key, args in tasks:
-            try:
-                result = run_one(*args)
-            except Exception as exc:  # noqa: BLE001 - one failed training must not end the benchmark
-                report(key, exc)
-                continue
-            on_result(key, result)
-        return failed
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
-        futures = {pool.submit(run_one, *args): key for key, args in tasks}
-        for future in concurrent.futures.as_completed(futures):
-            if future.exception() is not None:
-                report(futures[future], future.exception())
-            else:
-                on_result(futures[future], future.result())
+    with stop_on_signals(workers=jobs > 1):
+        if jobs <= 1:
+            for key, args in tasks:
+                try:
+                    result = run_one(*args)
+                except BenchmarkStopped:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one failed training must not end the benchmark
+                    report(key, exc)
+                    continue
+                on_result(key, result)
+            return failed
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
+            futures = {pool.submit(run_one, *args): key for key, args in tasks}
+            for future in concurrent.futures.as_completed(futures):
+                if future.cancelled():
+                    continue
+                exc = future.exception()
+                if _stop_asked or isinstance(exc, BenchmarkStopped):
+                    for waiting in futures:  # the runs not yet started; the running ones end on their own
+                        waiting.cancel()
+                if exc is None:
+                    on_result(futures[future], future.result())
+                elif not isinstance(exc, BenchmarkStopped):
+                    report(futures[future], exc)
+        if _stop_asked or any(isinstance(f.exception(), BenchmarkStopped) for f in futures if not f.cancelled()):
+            raise BenchmarkStopped()
     return failed
 
 
@@ -609,7 +666,12 @@ def main(argv=None):
         write_results(out, results)
         return results
 
-    failed = run_tasks(tasks, args.jobs, record)
+    try:
+        failed = run_tasks(tasks, args.jobs, record)
+    except BenchmarkStopped:
+        print(f"stopped: the finished runs are in {results_path}; run the same command again to resume the others "
+              "from their checkpoints", file=sys.stderr, flush=True)
+        sys.exit(130)
     results = save(complete=not failed)
     plot(results, out / "accuracy.png")
     print(render_markdown(results))
