@@ -21,8 +21,8 @@ and CDA by a one-sided paired t-test over seeds.
 Results go to OUT/accuracy.json (one entry per protocol, plus the learning curve), accuracy.md and
 accuracy.png, saved after every run, so a stopped benchmark keeps what it measured. Training runs
 in --jobs worker processes of one thread each. SIGTERM or SIGINT (Ctrl-C) stops the whole benchmark: the
-running trainings save a checkpoint, no other run starts, and the same command resumes them. The statistics are in accuracy_stats.py, the report (markdown
-and plot) in accuracy_report.py.
+running trainings save a checkpoint, no other run starts, and the same command resumes them. The
+statistics are in accuracy_stats.py, the report (markdown and plot) in accuracy_report.py.
 """
 
 import argparse
