@@ -464,18 +464,20 @@ def run_tasks(tasks, jobs: int, on_result) -> list:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
             futures = {pool.submit(run_one, *args): key for key, args in tasks}
+            stopped = False
             for future in concurrent.futures.as_completed(futures):
                 if future.cancelled():
                     continue
                 exc = future.exception()
-                if _stop_asked or isinstance(exc, BenchmarkStopped):
+                if not stopped and (_stop_asked or isinstance(exc, BenchmarkStopped)):
+                    stopped = True
                     for waiting in futures:  # the runs not yet started; the running ones end on their own
                         waiting.cancel()
                 if exc is None:
                     on_result(futures[future], future.result())
                 elif not isinstance(exc, BenchmarkStopped):
                     report(futures[future], exc)
-        if _stop_asked or any(isinstance(f.exception(), BenchmarkStopped) for f in futures if not f.cancelled()):
+        if stopped:
             raise BenchmarkStopped()
     return failed
 
