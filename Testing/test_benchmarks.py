@@ -233,6 +233,10 @@ def test_rows_keep_their_recipe_and_a_learning_curve_scales_all_of_its_schedule(
     assert {k: settings("ltuda-rampup", 2)[k] for k in ("warmup_epochs", "pseudo_rampup_epochs", "lr_schedule")} == \
         {"warmup_epochs": 0, "pseudo_rampup_epochs": 24, "lr_schedule": "per-stage"}
     assert settings("oracle")["pseudo_rampup_epochs"] == 12 and settings("cda-rampup")["lr_schedule"] == "per-stage"
+    # a row that moves epochs between the stages trains as many iterations, with the fast preset's warm-up
+    equal = settings("ltuda-equal-stages")
+    assert (equal["epochs_stage1"], equal["epochs_stage2"], equal["warmup_epochs"]) == (11, 11, 8)
+    assert equal["epochs_stage1"] + equal["epochs_stage2"] == settings("labeled-only")["epochs_stage1"] == 22
     # a method without pseudo-labels ignores the recipe, so it records the values its finished runs have ...
     assert accuracy.method_settings("labeled-only", "fast", {})[2] == {**accuracy.RAMPUP_RECIPE, "epochs_stage1": 22}
     # ... unless the benchmark is told otherwise

@@ -118,6 +118,9 @@ METHODS = {
     # candidate 14: candidate 11 with the warm-up on the scans as they are, the curve starting with the pseudo-labels
     "ltuda-intensity-remap-after-warmup": ("ltuda", "partial", {"intensity_remap": 0.5, "intensity_remap_views": "weak",
                                                                 "intensity_remap_warmup": False}),
+    # candidate 15: stage 2 as long as stage 1 (the paper's split) at the same 22 epochs, the warm-up kept at 8:
+    # stage 1's pseudo-label epochs (8 -> 3) go to stage 2 (6 -> 11); "cda" is the other end, no stage 2
+    "ltuda-equal-stages": ("ltuda", "partial", {"epochs_stage1": 11, "epochs_stage2": 11, "warmup_epochs": 8}),
     # the ceiling of today's recipe: the fast preset with true labels as pseudo-labels (the teacher's rows above,
     # "oracle" and "oracle-pseudo-dice", have the ramp-up recipe), with today's loss and with the Dice term on
     # the pseudo-targets too

@@ -111,7 +111,9 @@ PROTOCOL_PAIRS = (("ltuda", "labeled-only"), ("ltuda", "cda"), ("cda", "labeled-
                   ("ltuda-held-out-dice-gate", "ltuda"), ("ltuda-held-out-dice-gate", "labeled-only"),
                   # candidate 13: the same gate, the Dice term on the teacher's sure pixels only
                   ("ltuda-confident-dice-gate", "ltuda"), ("ltuda-confident-dice-gate", "labeled-only"),
-                  ("ltuda-confident-dice-gate", "ltuda-held-out-dice-gate"))
+                  ("ltuda-confident-dice-gate", "ltuda-held-out-dice-gate"),
+                  # candidate 15: stage 2 as long as stage 1, against both baselines and CDA (no stage 2)
+                  ("ltuda-equal-stages", "ltuda"), ("ltuda-equal-stages", "labeled-only"), ("ltuda-equal-stages", "cda"))
 
 
 def protocol_paired_tests(methods: dict) -> dict:
