@@ -84,6 +84,34 @@ def test_a_stop_signal_stops_the_whole_benchmark_and_leaves_the_runs_resumable(t
     assert not list((tmp_path / "work").rglob("STOP"))
 
 
+def test_a_stop_while_a_training_loads_its_data_still_stops_that_training(tmp_path, monkeypatch):
+    # Trainer.run() loads the data before its own handler listens: a stop in that window must not be lost
+    # (it was: the worker noted it and the training ran to its end, hours at 8x)
+    accuracy = _benchmark_module()
+    from ltuda.train.trainer import Trainer
+
+    phantoms = accuracy.make_phantoms(tmp_path / "work", "toy", smoke=True)
+    load = Trainer._load_data
+
+    def load_then_stop(self):
+        load(self)
+        os.kill(os.getpid(), signal.SIGTERM)  # as the benchmark forwards a `kill` to its workers
+
+    monkeypatch.setattr(Trainer, "_load_data", load_then_stop)
+    monkeypatch.setattr(accuracy, "_stop_asked", False)
+    previous = signal.signal(signal.SIGTERM, accuracy._note_stop)  # a worker's handler (_worker_init)
+    try:
+        settings = {"epochs_stage1": 400, "iterations_per_epoch": 2, "image_size": 32, "batch_size": 2}
+        with pytest.raises(accuracy.BenchmarkStopped):
+            accuracy.run_one(phantoms["partial"], "labeled-only", 43, "fast", settings, tmp_path / "run",
+                             tmp_path / "cache")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    model = tmp_path / "run" / "model"
+    assert json.loads((model / "model.json").read_text())["training"]["completed"] is False
+    assert (model / "checkpoints" / "last.pt").exists()  # the same command resumes it
+
+
 def test_accuracy_benchmark_learning_curve_and_settings(tmp_path):
     work = tmp_path / "work"
     result = _run(tmp_path, "--seeds", "1", "--learning-curve", "1,2", "--set", "epochs_stage2=2")

@@ -249,7 +249,7 @@ def score(model_dir: Path, manifest, work: Path, holdout: Path = None) -> dict:
 
 def run_one(manifest_path, method, seed, preset, settings, work: Path, cache: Path, holdout: Path = None) -> dict:
     """Train one model and score it; runs in a worker process."""
-    global _stop_asked
+    global _stop_asked, _starting_trainer
     if _stop_asked:
         raise BenchmarkStopped(work)
     import torch
@@ -268,9 +268,13 @@ def run_one(manifest_path, method, seed, preset, settings, work: Path, cache: Pa
     if trained_here:
         resume = interrupted_training(model_dir, config, manifest_path)
         trainer = Trainer(manifest, model_dir, config, SilentReporter(), cache_dir=cache, resume=resume)
-        if _stop_asked:  # asked while the data loaded: the trainer's own handler was not yet listening
-            raise BenchmarkStopped(model_dir)
-        outcome = trainer.run()
+        _starting_trainer = trainer  # a stop before its own handler listens (it loads the data first) reaches it
+        try:
+            if _stop_asked:
+                raise BenchmarkStopped(model_dir)
+            outcome = trainer.run()
+        finally:
+            _starting_trainer = None
         if outcome["status"] == "cancelled":
             _stop_asked = True  # the trainer's handler took the signal: this worker starts no other run
             raise BenchmarkStopped(model_dir)
@@ -410,11 +414,16 @@ class BenchmarkStopped(Exception):
 # Set by SIGTERM/SIGINT in this process (main or worker) while no training listens; a training takes the
 # signal itself (checkpoint, "cancelled"). Either way no further run starts here.
 _stop_asked = False
+# The training run_one is starting: until Trainer.run() installs its own handler (after loading the data), a
+# stop is noted here and handed to it, so it saves a checkpoint at its first step instead of training on.
+_starting_trainer = None
 
 
 def _note_stop(signum, frame):
     global _stop_asked
     _stop_asked = True
+    if _starting_trainer is not None:
+        _starting_trainer.stop_requested = True
 
 
 def _worker_init():
